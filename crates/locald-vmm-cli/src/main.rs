@@ -1,1 +1,204 @@
-fn main(){}
+//! `locald-vmm`: the command-line front end of the locald-vmm library. Parses
+//! flags, builds a `VmConfig`, runs the VM on the main thread and exits with
+//! the guest command's status (125 for VMM errors, as docker and libkrun).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use locald_vmm::{config, ConfigError, ConsoleConfig, CpuCompat, VirtualMachine, VmConfig};
+
+/// Exit code for failures of the VMM itself.
+const VMM_ERROR: u8 = 125;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "locald-vmm",
+    version,
+    about = "Run commands in fast-booting Linux microVMs on KVM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a VM and run a command in it (or attach to its console).
+    ///
+    /// Without --kernel the default guest (a small Linux kernel and an
+    /// initramfs with busybox, built and cached on first use) is used.
+    /// The exit status is the command's; 125 means the VMM failed, 126/127
+    /// that the command could not be executed / was not found.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Guest kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (newc cpio). Default: the default guest's initramfs.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command-line arguments, appended to the VMM's own.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory: MiB, or with a suffix M, G or T (e.g. 512M, 2G).
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    memory: String,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory of the command in the guest.
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// Software-KVM compatibility path: auto-detect, force on, or off.
+    #[arg(long, value_enum, default_value_t = Compat::Auto)]
+    cpu_compat: Compat,
+    /// Stop the VM (exit 125) after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Sample the guest's instruction pointer HZ times a second and print a
+    /// histogram by kernel symbol at exit (debug aid).
+    #[arg(long, value_name = "HZ", default_value_t = 0)]
+    profile_guest: u32,
+    /// System.map for --profile-guest (default: the default kernel's).
+    #[arg(long, value_name = "PATH")]
+    system_map: Option<PathBuf>,
+    /// Verbose: VMM log, guest kernel log and boot timings on stderr.
+    #[arg(short, long)]
+    verbose: bool,
+    /// Command and arguments to run in the guest (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Compat {
+    Auto,
+    On,
+    Off,
+}
+
+fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    let vcpus = u8::try_from(args.cpus)
+        .ok()
+        .filter(|n| (1..=config::MAX_VCPUS).contains(n))
+        .ok_or(ConfigError::Vcpus(args.cpus, config::MAX_VCPUS as u32))?;
+    let memory_mib = config::parse_memory_size(&args.memory)?;
+    let env = args
+        .env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--env '{kv}' must be KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let timeout = match args.timeout {
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            anyhow::bail!("--timeout must be a positive number of seconds")
+        }
+        Some(t) => Some(Duration::from_secs_f64(t)),
+        None => None,
+    };
+    let mut cmdline = args.cmdline.clone();
+    if args.verbose && args.kernel.is_none() {
+        // The default guest boots `quiet`; a later loglevel wins.
+        cmdline = Some(
+            format!("loglevel=7 {}", cmdline.unwrap_or_default())
+                .trim()
+                .to_string(),
+        );
+    }
+    Ok(VmConfig {
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        cmdline,
+        command: (!args.command.is_empty()).then(|| args.command.clone()),
+        env,
+        workdir: args.workdir.clone(),
+        vcpus,
+        memory_mib,
+        console: ConsoleConfig::Stdio,
+        cpu_compat: match args.cpu_compat {
+            Compat::Auto => CpuCompat::Auto,
+            Compat::On => CpuCompat::On,
+            Compat::Off => CpuCompat::Off,
+        },
+        timeout,
+        profile_hz: args.profile_guest,
+        system_map: args.system_map.clone(),
+    })
+}
+
+fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let start = Instant::now();
+    let config = config_from(&args)?;
+    let mut vm = VirtualMachine::new(config)?;
+    tracing::info!("VM set up in {:.3} s", start.elapsed().as_secs_f64());
+    let status = vm.run()?;
+    if args.verbose {
+        for m in vm.markers() {
+            eprintln!(
+                "locald-vmm: guest marker {} at {:.3} s",
+                m.value,
+                m.at.as_secs_f64()
+            );
+        }
+        eprintln!(
+            "locald-vmm: guest ended: {status:?} after {:.3} s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    if let locald_vmm::ExitStatus::TimedOut = status {
+        eprintln!("locald-vmm: error: the VM timed out");
+    }
+    Ok(status.code().clamp(0, 255) as u8)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("locald-vmm: {}", line.trim_start_matches("error: ").trim());
+            return ExitCode::from(VMM_ERROR);
+        }
+    };
+    let Command::Run(args) = cli.command;
+    let level = if args.verbose { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOCALD_VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .without_time()
+        .init();
+    match run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("locald-vmm: error: {e:#}");
+            ExitCode::from(VMM_ERROR)
+        }
+    }
+}

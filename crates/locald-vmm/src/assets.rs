@@ -1,0 +1,1159 @@
+//! Default guest assets: the kernel (built once from embedded build inputs),
+//! the initramfs (embedded `locald-init` + a static busybox) and the small
+//! per-run command archive.
+//!
+//! Runs on the caller's thread, before the VM is created. Everything lands in
+//! [`cache_dir()`] and is keyed by a content hash, so a cache entry is never
+//! stale: a changed input gives a new file name. Files are written atomically
+//! (temporary name + `rename`); the kernel build, which takes minutes, runs
+//! under an exclusive lock file so concurrent processes build it once.
+//!
+//! Cache layout:
+//! - `kernel-<key>/{vmlinux,System.map,.config}` with `<key>` = first 16 hex
+//!   digits of sha256(build-kernel.sh ‖ microvm.config ‖ patches/*.patch
+//!   sorted by name); `kernel-<key>.lock` next to it;
+//! - `initramfs-<hash>.cpio` (uncompressed newc), `<hash>` over the init and
+//!   busybox bytes (see [`initramfs_hash`]);
+//! - `busybox-<debian-version>/busybox` when the host has no static busybox.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::cpio::{CpioBuilder, CpioError};
+
+include!(concat!(env!("OUT_DIR"), "/kernel_inputs.rs"));
+
+/// The guest init (`crates/guest-init`), statically linked, built by build.rs.
+static INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/locald-init"));
+
+/// Host path checked first for a usable static busybox.
+pub const HOST_BUSYBOX: &str = "/bin/busybox";
+
+/// Version tag of the initramfs layout; bump when [`assemble_initramfs`]
+/// changes so cached images are rebuilt.
+const INITRAMFS_LAYOUT: &[u8] = b"locald-vmm initramfs layout 1\0";
+
+/// Errors while preparing guest assets. Each variant names the file or
+/// command involved.
+#[derive(Debug, Error)]
+pub enum AssetError {
+    /// A filesystem operation failed.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("writing", "creating directory", ...).
+        action: &'static str,
+        /// File or directory involved.
+        path: PathBuf,
+        /// Underlying error.
+        source: io::Error,
+    },
+    /// A required host program is not installed.
+    #[error("`{command}` is not installed or not in PATH ({hint})")]
+    CommandNotFound {
+        /// Program name.
+        command: String,
+        /// What to install.
+        hint: &'static str,
+    },
+    /// A host program could not be started.
+    #[error("cannot run `{command}`: {source}")]
+    CommandSpawn {
+        /// Command line.
+        command: String,
+        /// Underlying error.
+        source: io::Error,
+    },
+    /// A host program exited unsuccessfully.
+    #[error("`{command}` failed ({status}){}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    CommandFailed {
+        /// Command line.
+        command: String,
+        /// Its exit status.
+        status: ExitStatus,
+        /// Tail of its stderr, if captured.
+        stderr: String,
+    },
+    /// A binary that must be static is not a static x86-64 ELF.
+    #[error("{} is not a statically linked x86-64 ELF executable: {reason}", path.display())]
+    NotStatic {
+        /// The file.
+        path: PathBuf,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// An expected output file is missing.
+    #[error("{} is missing after {step}", path.display())]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// The step that should have produced it.
+        step: String,
+    },
+    /// A command produced output we cannot use.
+    #[error("unexpected output from `{command}`: {detail}")]
+    BadOutput {
+        /// Command line.
+        command: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// An archive entry was rejected.
+    #[error("building {archive}: {source}")]
+    Cpio {
+        /// Archive being built.
+        archive: &'static str,
+        /// Underlying error.
+        source: CpioError,
+    },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AssetError + 'a {
+    move |source| AssetError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The embedded guest init binary (static x86-64 ELF).
+pub fn init_binary() -> &'static [u8] {
+    INIT_BINARY
+}
+
+/// The embedded kernel build inputs: `(relative name, contents)`.
+pub fn kernel_inputs() -> &'static [(&'static str, &'static [u8])] {
+    KERNEL_INPUTS
+}
+
+// ---------------------------------------------------------------------------
+// Cache directory
+// ---------------------------------------------------------------------------
+
+/// Cache root: `$LOCALD_VMM_CACHE`, else `$XDG_CACHE_HOME/locald-vmm`, else
+/// `$HOME/.cache/locald-vmm`, else `<tmp>/locald-vmm-cache`. Empty variables
+/// are ignored, as is a relative `XDG_CACHE_HOME` (per the XDG spec).
+pub fn cache_dir() -> PathBuf {
+    cache_dir_from(|k| std::env::var_os(k))
+}
+
+/// [`cache_dir`] with an injectable environment lookup.
+fn cache_dir_from(get: impl Fn(&str) -> Option<OsString>) -> PathBuf {
+    let get = |k: &str| get(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = get("LOCALD_VMM_CACHE") {
+        return d;
+    }
+    if let Some(d) = get("XDG_CACHE_HOME").filter(|d| d.is_absolute()) {
+        return d.join("locald-vmm");
+    }
+    if let Some(h) = get("HOME") {
+        return h.join(".cache/locald-vmm");
+    }
+    std::env::temp_dir().join("locald-vmm-cache")
+}
+
+fn create_dir_all(dir: &Path) -> Result<(), AssetError> {
+    fs::create_dir_all(dir).map_err(io_err("creating directory", dir))
+}
+
+// ---------------------------------------------------------------------------
+// Small helpers: hashing, temp dirs, atomic writes, ELF check, commands
+// ---------------------------------------------------------------------------
+
+fn hex16(digest: &[u8]) -> String {
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Directory removed (recursively) on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new_in(parent: &Path, tag: &str) -> Result<Self, AssetError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        create_dir_all(parent)?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let p = parent.join(format!(".tmp-{tag}-{}-{n}", std::process::id()));
+        match fs::remove_dir_all(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing stale", &p)(e)),
+        }
+        fs::create_dir(&p).map_err(io_err("creating directory", &p))?;
+        Ok(Self(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `data` to `dest` via a temporary file in the same directory and
+/// `rename`, so readers never see a partial file.
+fn write_atomic(dest: &Path, data: &[u8], mode: u32) -> Result<(), AssetError> {
+    use std::os::unix::fs::PermissionsExt;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut tmp_name = dest.as_os_str().to_owned();
+    tmp_name.push(format!(".tmp.{}.{n}", std::process::id()));
+    let tmp = PathBuf::from(tmp_name);
+    let res = (|| {
+        let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+        f.write_all(data).map_err(io_err("writing", &tmp))?;
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io_err("setting permissions of", &tmp))?;
+        f.sync_all().map_err(io_err("syncing", &tmp))?;
+        fs::rename(&tmp, dest).map_err(io_err("renaming into place", dest))
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Checks that `b` is a 64-bit little-endian x86-64 ELF executable without a
+/// `PT_INTERP` program header (no dynamic loader needed). Returns why not.
+pub fn check_static_elf(b: &[u8]) -> Result<(), String> {
+    if b.len() < 64 || &b[..4] != b"\x7fELF" {
+        return Err("not an ELF file".into());
+    }
+    if b[4] != 2 || b[5] != 1 {
+        return Err("not a 64-bit little-endian ELF".into());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    if u16_at(18) != 62 {
+        return Err("not x86-64".into());
+    }
+    let e_type = u16_at(16);
+    if e_type != 2 && e_type != 3 {
+        return Err(format!("ELF type {e_type} is not an executable"));
+    }
+    let mut phoff = [0u8; 8];
+    phoff.copy_from_slice(&b[32..40]);
+    let phoff = usize::try_from(u64::from_le_bytes(phoff)).map_err(|_| "bad e_phoff")?;
+    let (phentsize, phnum) = (usize::from(u16_at(54)), usize::from(u16_at(56)));
+    for i in 0..phnum {
+        let off = phoff.saturating_add(i.saturating_mul(phentsize));
+        let Some(ph) = b.get(off..off.saturating_add(4)) else {
+            return Err("truncated program headers".into());
+        };
+        if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == 3 {
+            return Err("it has a PT_INTERP header (dynamically linked)".into());
+        }
+    }
+    Ok(())
+}
+
+fn read_static_elf(path: &Path) -> Result<Vec<u8>, AssetError> {
+    let bytes = fs::read(path).map_err(io_err("reading", path))?;
+    check_static_elf(&bytes).map_err(|reason| AssetError::NotStatic {
+        path: path.to_owned(),
+        reason,
+    })?;
+    Ok(bytes)
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn spawn_error(cmd: &Command, hint: &'static str, source: io::Error) -> AssetError {
+    if source.kind() == io::ErrorKind::NotFound {
+        AssetError::CommandNotFound {
+            command: cmd.get_program().to_string_lossy().into_owned(),
+            hint,
+        }
+    } else {
+        AssetError::CommandSpawn {
+            command: describe(cmd),
+            source,
+        }
+    }
+}
+
+/// Runs `cmd` capturing stdout/stderr; errors on a non-zero exit.
+fn run_captured(cmd: &mut Command, hint: &'static str) -> Result<Vec<u8>, AssetError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| spawn_error(cmd, hint, e))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        return Err(AssetError::CommandFailed {
+            command: describe(cmd),
+            status: out.status,
+            stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+        });
+    }
+    Ok(out.stdout)
+}
+
+// ---------------------------------------------------------------------------
+// Kernel
+// ---------------------------------------------------------------------------
+
+/// Paths of the default guest kernel in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultKernel {
+    /// Uncompressed ELF kernel (PVH entry).
+    pub vmlinux: PathBuf,
+    /// Its symbol map (for RIP sampling / diagnostics).
+    pub system_map: PathBuf,
+}
+
+/// Cache key of a set of kernel build inputs: first 16 hex digits of the
+/// sha256 of `build-kernel.sh`, `microvm.config`, then the `patches/*.patch`
+/// sorted by name, concatenated (the rule of `guest/kernel/hash.sh`). Other
+/// inputs (helper scripts) are not hashed.
+pub fn kernel_key(inputs: &[(&str, &[u8])]) -> String {
+    let rank = |name: &str| match name {
+        "build-kernel.sh" => Some(0),
+        "microvm.config" => Some(1),
+        n if n.starts_with("patches/") && n.ends_with(".patch") => Some(2),
+        _ => None,
+    };
+    let mut hashed: Vec<(u8, &str, &[u8])> = inputs
+        .iter()
+        .filter_map(|&(n, d)| rank(n).map(|r| (r, n, d)))
+        .collect();
+    hashed.sort();
+    let mut h = Sha256::new();
+    for (_, _, data) in hashed {
+        h.update(data);
+    }
+    hex16(&h.finalize())
+}
+
+/// Cache key of the embedded kernel inputs (names `kernel-<key>/`).
+pub fn default_kernel_key() -> String {
+    kernel_key(KERNEL_INPUTS)
+}
+
+/// Returns the default guest kernel, building it on first use (several
+/// minutes; the build script's output is shown on stderr). See the module
+/// docs for the cache layout.
+pub fn default_kernel() -> Result<DefaultKernel, AssetError> {
+    kernel_in(&cache_dir(), KERNEL_INPUTS)
+}
+
+fn kernel_paths(dir: &Path) -> DefaultKernel {
+    DefaultKernel {
+        vmlinux: dir.join("vmlinux"),
+        system_map: dir.join("System.map"),
+    }
+}
+
+fn kernel_complete(k: &DefaultKernel) -> bool {
+    k.vmlinux.is_file() && k.system_map.is_file()
+}
+
+/// [`default_kernel`] for an explicit cache directory and input set.
+fn kernel_in(cache: &Path, inputs: &[(&str, &[u8])]) -> Result<DefaultKernel, AssetError> {
+    let key = kernel_key(inputs);
+    let dir = cache.join(format!("kernel-{key}"));
+    let kernel = kernel_paths(&dir);
+    if kernel_complete(&kernel) {
+        return Ok(kernel);
+    }
+    create_dir_all(cache)?;
+    let lock_path = cache.join(format!("kernel-{key}.lock"));
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err("opening lock file", &lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            eprintln!(
+                "locald-vmm: waiting for another process building the guest kernel (lock {})",
+                lock_path.display()
+            );
+            lock.lock().map_err(io_err("locking", &lock_path))?;
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_err("locking", &lock_path)(e)),
+    }
+    // Someone else may have finished while we waited.
+    if kernel_complete(&kernel) {
+        return Ok(kernel);
+    }
+
+    let work = TempDir::new_in(cache, &format!("kernel-{key}-inputs"))?;
+    for (name, data) in inputs {
+        let p = work.0.join(name);
+        if let Some(parent) = p.parent() {
+            create_dir_all(parent)?;
+        }
+        let mode = if name.ends_with(".sh") { 0o755 } else { 0o644 };
+        write_atomic(&p, data, mode)?;
+    }
+    eprintln!(
+        "locald-vmm: building the default guest kernel into {} (one time, takes minutes)",
+        dir.display()
+    );
+    let mut cmd = Command::new("bash");
+    cmd.arg("build-kernel.sh")
+        .arg(&dir)
+        .current_dir(&work.0)
+        // The script keeps its downloads and work trees under the same root.
+        .env("LOCALD_VMM_CACHE", cache)
+        .stdin(Stdio::null());
+    // Progress goes to our stderr: stdout may carry the guest console.
+    if let Ok(fd) = io::stderr().as_fd().try_clone_to_owned() {
+        cmd.stdout(Stdio::from(fd));
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| spawn_error(&cmd, "apt-get install bash", e))?;
+    if !status.success() {
+        return Err(AssetError::CommandFailed {
+            command: format!("{} (in {})", describe(&cmd), work.0.display()),
+            status,
+            stderr: String::new(),
+        });
+    }
+    for p in [&kernel.vmlinux, &kernel.system_map] {
+        if !p.is_file() {
+            return Err(AssetError::Missing {
+                path: p.clone(),
+                step: "build-kernel.sh".into(),
+            });
+        }
+    }
+    drop(lock);
+    Ok(kernel)
+}
+
+// ---------------------------------------------------------------------------
+// Busybox
+// ---------------------------------------------------------------------------
+
+/// Returns a static busybox: [`HOST_BUSYBOX`] if it is a static ELF, else a
+/// cached `busybox-<version>/busybox`, else Debian's `busybox-static`
+/// fetched with `apt-get download` + `dpkg -x` (needs `apt-get update` to
+/// have run once).
+pub fn busybox() -> Result<PathBuf, AssetError> {
+    busybox_in(&cache_dir(), Path::new(HOST_BUSYBOX))
+}
+
+fn is_static_file(p: &Path) -> bool {
+    fs::read(p).is_ok_and(|b| check_static_elf(&b).is_ok())
+}
+
+fn busybox_in(cache: &Path, host: &Path) -> Result<PathBuf, AssetError> {
+    if is_static_file(host) {
+        return Ok(host.to_owned());
+    }
+    if let Ok(rd) = fs::read_dir(cache) {
+        let mut cached: Vec<PathBuf> = rd
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("busybox-"))
+            .map(|e| e.path().join("busybox"))
+            .filter(|p| is_static_file(p))
+            .collect();
+        cached.sort();
+        if let Some(p) = cached.pop() {
+            return Ok(p);
+        }
+    }
+
+    let work = TempDir::new_in(cache, "busybox")?;
+    run_captured(
+        Command::new("apt-get")
+            .args(["download", "busybox-static"])
+            .current_dir(&work.0),
+        "a Debian-based host with apt-get; run `apt-get update` first",
+    )?;
+    let deb = fs::read_dir(&work.0)
+        .map_err(io_err("listing", &work.0))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| AssetError::Missing {
+            path: work.0.join("busybox-static_*.deb"),
+            step: "apt-get download busybox-static".into(),
+        })?;
+    let version = deb_version(&deb.file_name().unwrap_or_default().to_string_lossy());
+    let root = work.0.join("root");
+    run_captured(
+        Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
+        "dpkg (Debian-based host)",
+    )?;
+    let found = ["bin/busybox", "usr/bin/busybox"]
+        .iter()
+        .map(|p| root.join(p))
+        .find(|p| p.is_file())
+        .ok_or_else(|| AssetError::Missing {
+            path: root.join("bin/busybox"),
+            step: format!("dpkg -x {}", deb.display()),
+        })?;
+    let bytes = read_static_elf(&found)?;
+    let dest_dir = cache.join(format!("busybox-{version}"));
+    create_dir_all(&dest_dir)?;
+    let dest = dest_dir.join("busybox");
+    write_atomic(&dest, &bytes, 0o755)?;
+    Ok(dest)
+}
+
+/// Version part of a `.deb` file name (`busybox-static_1%3a1.35.0-4_amd64.deb`
+/// → `1.35.0-4` with the epoch dropped), made safe for a directory name.
+fn deb_version(file_name: &str) -> String {
+    let v = file_name.split('_').nth(1).unwrap_or("unknown");
+    let v = v.rsplit_once("%3a").map_or(v, |(_, rest)| rest);
+    let v = v.rsplit_once(':').map_or(v, |(_, rest)| rest);
+    v.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "+.-~".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Initramfs
+// ---------------------------------------------------------------------------
+
+/// Base directories of the initramfs and their modes.
+const BASE_DIRS: &[(&str, u32)] = &[
+    (".locald", 0o755),
+    ("bin", 0o755),
+    ("dev", 0o755),
+    ("etc", 0o755),
+    ("mnt", 0o755),
+    ("proc", 0o555),
+    ("root", 0o700),
+    ("run", 0o755),
+    ("sbin", 0o755),
+    ("sys", 0o555),
+    ("tmp", 0o1777),
+    ("usr", 0o755),
+    ("usr/bin", 0o755),
+    ("usr/sbin", 0o755),
+];
+
+const ETC_PASSWD: &[u8] = b"root:x:0:0:root:/root:/bin/sh\n";
+const ETC_GROUP: &[u8] = b"root:x:0:\ntty:x:5:\n";
+
+/// Content hash naming `initramfs-<hash>.cpio`: first 16 hex digits of
+/// sha256(layout tag ‖ len(init) as u64 LE ‖ init ‖ busybox).
+pub fn initramfs_hash(init: &[u8], busybox: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(INITRAMFS_LAYOUT);
+    h.update((init.len() as u64).to_le_bytes());
+    h.update(init);
+    h.update(busybox);
+    hex16(&h.finalize())
+}
+
+/// Returns the default initramfs (uncompressed newc), assembling it on first
+/// use: `/init` (the embedded locald-init), `/bin/busybox` plus one symlink
+/// per applet, the base directories, `/dev/console`, `/dev/null` and a
+/// minimal `/etc/passwd` and `/etc/group`.
+pub fn default_initramfs() -> Result<PathBuf, AssetError> {
+    let cache = cache_dir();
+    let bb = busybox_in(&cache, Path::new(HOST_BUSYBOX))?;
+    initramfs_in(&cache, INIT_BINARY, &bb)
+}
+
+/// [`default_initramfs`] for an explicit cache, init and busybox path.
+fn initramfs_in(cache: &Path, init: &[u8], busybox: &Path) -> Result<PathBuf, AssetError> {
+    let bb = read_static_elf(busybox)?;
+    let path = cache.join(format!("initramfs-{}.cpio", initramfs_hash(init, &bb)));
+    if path.is_file() {
+        return Ok(path);
+    }
+    let applets = applet_list(busybox)?;
+    write_initramfs(&path, init, &bb, &applets)?;
+    Ok(path)
+}
+
+fn write_initramfs(
+    path: &Path,
+    init: &[u8],
+    busybox: &[u8],
+    applets: &[String],
+) -> Result<(), AssetError> {
+    let archive = assemble_initramfs(init, busybox, applets)?;
+    if let Some(parent) = path.parent() {
+        create_dir_all(parent)?;
+    }
+    write_atomic(path, &archive, 0o644)
+}
+
+/// Runs `busybox --list-full` and returns the applet paths (relative, e.g.
+/// `bin/sh`, `usr/bin/[`).
+fn applet_list(busybox: &Path) -> Result<Vec<String>, AssetError> {
+    let mut cmd = Command::new(busybox);
+    cmd.arg("--list-full");
+    let out = run_captured(&mut cmd, "a static busybox")?;
+    let text = String::from_utf8(out).map_err(|_| AssetError::BadOutput {
+        command: describe(&cmd),
+        detail: "not UTF-8".into(),
+    })?;
+    let applets: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().trim_start_matches('/'))
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if let Some(bad) = applets
+        .iter()
+        .find(|a| a.split('/').any(|c| c.is_empty() || c == "." || c == ".."))
+    {
+        return Err(AssetError::BadOutput {
+            command: describe(&cmd),
+            detail: format!("bad applet path {bad:?}"),
+        });
+    }
+    if !applets.iter().any(|a| a == "bin/sh") {
+        return Err(AssetError::BadOutput {
+            command: describe(&cmd),
+            detail: "no bin/sh applet".into(),
+        });
+    }
+    Ok(applets)
+}
+
+/// Builds the initramfs archive (pure). Directories come first, parents
+/// before children; applets that would replace `/init` or `/bin/busybox`
+/// are skipped.
+fn assemble_initramfs(
+    init: &[u8],
+    busybox: &[u8],
+    applets: &[String],
+) -> Result<Vec<u8>, AssetError> {
+    let cpio = |source| AssetError::Cpio {
+        archive: "initramfs",
+        source,
+    };
+    let mut dirs: BTreeSet<String> = BASE_DIRS.iter().map(|(d, _)| (*d).to_owned()).collect();
+    for a in applets {
+        let mut parent = Path::new(a).parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+            dirs.insert(p.to_string_lossy().into_owned());
+            parent = p.parent();
+        }
+    }
+    let mut b = CpioBuilder::new();
+    // BTreeSet order puts "usr" before "usr/bin": parents first.
+    for d in &dirs {
+        let mode = BASE_DIRS
+            .iter()
+            .find(|(n, _)| n == d)
+            .map_or(0o755, |(_, m)| *m);
+        b.dir(d, mode).map_err(cpio)?;
+    }
+    b.char_dev("dev/console", 0o600, 5, 1).map_err(cpio)?;
+    b.char_dev("dev/null", 0o666, 1, 3).map_err(cpio)?;
+    b.file("etc/passwd", 0o644, ETC_PASSWD).map_err(cpio)?;
+    b.file("etc/group", 0o644, ETC_GROUP).map_err(cpio)?;
+    b.file("init", 0o755, init).map_err(cpio)?;
+    b.file("bin/busybox", 0o755, busybox).map_err(cpio)?;
+    let mut seen = BTreeSet::new();
+    for a in applets {
+        if a == "init" || a == "bin/busybox" || dirs.contains(a) || !seen.insert(a.as_str()) {
+            continue;
+        }
+        b.symlink(a, "/bin/busybox").map_err(cpio)?;
+    }
+    Ok(b.finish())
+}
+
+// ---------------------------------------------------------------------------
+// Command archive
+// ---------------------------------------------------------------------------
+
+/// What the guest init runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestCommand {
+    /// Program and arguments (no shell). Empty: interactive `/bin/sh`.
+    pub argv: Vec<String>,
+    /// Extra environment, applied over the init's defaults
+    /// (`PATH`, `HOME=/root`, `TERM=linux`).
+    pub env: Vec<(String, String)>,
+    /// Working directory (created if missing).
+    pub workdir: Option<String>,
+}
+
+/// Bytes of `s` up to its first NUL (the spec format cannot carry NUL,
+/// and neither can `execve`).
+fn until_nul(s: &str) -> &[u8] {
+    let b = s.as_bytes();
+    b.iter().position(|&c| c == 0).map_or(b, |i| &b[..i])
+}
+
+/// Builds the small newc archive appended after the base initramfs:
+/// `/.locald/argv` (NUL-terminated arguments; omitted when `argv` is empty),
+/// `/.locald/env` (NUL-terminated `K=V`; omitted when empty) and
+/// `/.locald/workdir` (the path, no terminator). A string containing NUL is
+/// cut at the NUL; a key containing `=` is split there by the guest.
+///
+/// # Panics
+/// Only if the argv or env data exceed 4 GiB (the newc size limit).
+pub fn command_archive(cmd: &GuestCommand) -> Vec<u8> {
+    let mut argv = Vec::new();
+    for a in &cmd.argv {
+        argv.extend_from_slice(until_nul(a));
+        argv.push(0);
+    }
+    let mut env = Vec::new();
+    for (k, v) in &cmd.env {
+        env.extend_from_slice(until_nul(k));
+        env.push(b'=');
+        env.extend_from_slice(until_nul(v));
+        env.push(0);
+    }
+    let mut b = CpioBuilder::new();
+    let mut add = || -> Result<(), CpioError> {
+        b.dir(".locald", 0o755)?;
+        if !argv.is_empty() {
+            b.file(".locald/argv", 0o644, &argv)?;
+        }
+        if !env.is_empty() {
+            b.file(".locald/env", 0o644, &env)?;
+        }
+        if let Some(w) = &cmd.workdir {
+            b.file(".locald/workdir", 0o644, until_nul(w))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = add() {
+        // Fixed valid paths: only a > 4 GiB argv/env can get here.
+        panic!("command archive: {e}");
+    }
+    b.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpio::tests::{host_cpio, parse_all, temp_dir};
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let m: HashMap<String, OsString> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn cache_dir_resolution() {
+        let all = [
+            ("LOCALD_VMM_CACHE", "/c"),
+            ("XDG_CACHE_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
+        assert_eq!(cache_dir_from(env_of(&all)), Path::new("/c"));
+        assert_eq!(
+            cache_dir_from(env_of(&all[1..])),
+            Path::new("/x/locald-vmm")
+        );
+        assert_eq!(
+            cache_dir_from(env_of(&all[2..])),
+            Path::new("/h/.cache/locald-vmm")
+        );
+        assert_eq!(
+            cache_dir_from(env_of(&[
+                ("LOCALD_VMM_CACHE", ""),
+                ("XDG_CACHE_HOME", "rel"),
+                ("HOME", "/h")
+            ])),
+            Path::new("/h/.cache/locald-vmm")
+        );
+        assert_eq!(
+            cache_dir_from(env_of(&[])),
+            std::env::temp_dir().join("locald-vmm-cache")
+        );
+    }
+
+    fn sha256sum_prefix(data: &[u8], dir: &Path) -> String {
+        let f = dir.join("concat");
+        fs::write(&f, data).unwrap();
+        let out = Command::new("sha256sum").arg(&f).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()[..16].to_owned()
+    }
+
+    #[test]
+    fn kernel_key_matches_sha256sum() {
+        let dir = temp_dir("key");
+        let inputs: &[(&str, &[u8])] = &[
+            ("patches/0002-b.patch", b"second patch\n"),
+            ("microvm.config", b"CONFIG_PVH=y\n"),
+            ("patches/0001-a.patch", b"first patch\n"),
+            ("build-kernel.sh", b"#!/bin/bash\necho hi\n"),
+        ];
+        let concat = b"#!/bin/bash\necho hi\nCONFIG_PVH=y\nfirst patch\nsecond patch\n";
+        let key = kernel_key(inputs);
+        assert_eq!(key.len(), 16);
+        assert_eq!(key, sha256sum_prefix(concat, &dir));
+        // Helper scripts are shipped but not hashed.
+        let mut with_helper = inputs.to_vec();
+        with_helper.push(("hash.sh", b"echo key\n"));
+        assert_eq!(kernel_key(&with_helper), key);
+        // No patches: just the two files.
+        assert_eq!(
+            kernel_key(&inputs[1..2]),
+            sha256sum_prefix(b"CONFIG_PVH=y\n", &dir)
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn embedded_kernel_inputs_match_files() {
+        let names: Vec<&str> = KERNEL_INPUTS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names[..2], ["build-kernel.sh", "microvm.config"]);
+        let patches: Vec<&str> = names[2..]
+            .iter()
+            .copied()
+            .filter(|n| n.starts_with("patches/"))
+            .collect();
+        assert!(patches.iter().all(|p| p.ends_with(".patch")));
+        let mut sorted = patches.clone();
+        sorted.sort();
+        assert_eq!(patches, sorted);
+        assert!(names[2 + patches.len()..]
+            .iter()
+            .all(|n| n.ends_with(".sh") && !n.contains('/')));
+        // Same key as sha256sum over the files on disk, concatenated in order.
+        let dir = match std::env::var_os("LOCALD_VMM_KERNEL_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kernel"),
+        };
+        let mut concat = Vec::new();
+        for n in names.iter().take(2 + patches.len()) {
+            concat.extend(fs::read(dir.join(n)).unwrap());
+        }
+        let tmp = temp_dir("key2");
+        assert_eq!(default_kernel_key(), sha256sum_prefix(&concat, &tmp));
+        fs::remove_dir_all(&tmp).unwrap();
+        // And the kernel engineer's own rule, when shipped.
+        if dir.join("hash.sh").is_file() {
+            let out = Command::new("bash")
+                .arg(dir.join("hash.sh"))
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                default_kernel_key()
+            );
+        }
+    }
+
+    #[test]
+    fn kernel_build_runs_script_once() {
+        let cache = temp_dir("kernel");
+        let script = b"#!/bin/bash\nset -e\nmkdir -p \"$1\"\n\
+            test -f microvm.config && test -f patches/0001-x.patch && ./helper.sh\n\
+            test \"$LOCALD_VMM_CACHE\" = \"$(dirname \"$1\")\"\n\
+            echo built >> \"$(dirname \"$1\")/count\"\n\
+            echo vmlinux > \"$1/vmlinux\"; echo map > \"$1/System.map\"; cp microvm.config \"$1/.config\"\n";
+        let inputs: &[(&str, &[u8])] = &[
+            ("build-kernel.sh", script),
+            ("microvm.config", b"CONFIG_X=y\n"),
+            ("patches/0001-x.patch", b"p\n"),
+            ("helper.sh", b"#!/bin/sh\nexit 0\n"),
+        ];
+        let k = kernel_in(&cache, inputs).unwrap();
+        let dir = cache.join(format!("kernel-{}", kernel_key(inputs)));
+        assert_eq!(k.vmlinux, dir.join("vmlinux"));
+        assert_eq!(k.system_map, dir.join("System.map"));
+        assert_eq!(fs::read(dir.join(".config")).unwrap(), b"CONFIG_X=y\n");
+        // Second call is served from the cache.
+        assert_eq!(kernel_in(&cache, inputs).unwrap(), k);
+        assert_eq!(fs::read_to_string(cache.join("count")).unwrap(), "built\n");
+        // Temporary input dirs are cleaned up.
+        assert!(!fs::read_dir(&cache).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".tmp")));
+        fs::remove_dir_all(&cache).unwrap();
+    }
+
+    #[test]
+    fn kernel_build_failure_is_reported() {
+        let cache = temp_dir("kernel-fail");
+        let inputs: &[(&str, &[u8])] = &[("build-kernel.sh", b"exit 3\n"), ("microvm.config", b"")];
+        let err = kernel_in(&cache, inputs).unwrap_err();
+        assert!(matches!(err, AssetError::CommandFailed { .. }), "{err}");
+        assert!(err.to_string().contains("build-kernel.sh"), "{err}");
+        let inputs: &[(&str, &[u8])] = &[
+            ("build-kernel.sh", b"mkdir -p \"$1\"\n"),
+            ("microvm.config", b""),
+        ];
+        let err = kernel_in(&cache, inputs).unwrap_err();
+        assert!(matches!(err, AssetError::Missing { .. }), "{err}");
+        fs::remove_dir_all(&cache).unwrap();
+    }
+
+    #[test]
+    fn elf_checks() {
+        assert!(
+            check_static_elf(init_binary()).is_ok(),
+            "embedded init must be static"
+        );
+        let sh = fs::read("/bin/sh").unwrap();
+        assert!(check_static_elf(&sh).unwrap_err().contains("PT_INTERP"));
+        assert!(check_static_elf(b"#!/bin/sh\n").is_err());
+        assert!(check_static_elf(&[]).is_err());
+    }
+
+    #[test]
+    fn deb_versions() {
+        assert_eq!(
+            deb_version("busybox-static_1%3a1.35.0-4+deb12u1+b1_amd64.deb"),
+            "1.35.0-4+deb12u1+b1"
+        );
+        assert_eq!(deb_version("busybox-static_1.36.1-9_amd64.deb"), "1.36.1-9");
+        assert_eq!(deb_version("weird"), "unknown");
+    }
+
+    #[test]
+    fn command_archive_round_trip() {
+        let cmd = GuestCommand {
+            argv: vec![
+                "echo".into(),
+                "hello world".into(),
+                String::new(),
+                "a'b\"c$d\n".into(),
+            ],
+            env: vec![
+                ("FOO".into(), "bar=baz".into()),
+                ("EMPTY".into(), String::new()),
+            ],
+            workdir: Some("/srv/app".into()),
+        };
+        let a = command_archive(&cmd);
+        assert_eq!(a.len() % 4, 0);
+        let e = &parse_all(&a)[0];
+        let get = |n: &str| e.iter().find(|p| p.name == n).unwrap().data.clone();
+        assert_eq!(get(".locald/argv"), b"echo\0hello world\0\0a'b\"c$d\n\0");
+        assert_eq!(get(".locald/env"), b"FOO=bar=baz\0EMPTY=\0");
+        assert_eq!(get(".locald/workdir"), b"/srv/app");
+
+        // Independent check with the host cpio.
+        let dir = temp_dir("cmd");
+        host_cpio(&dir, &["-i", "--quiet", "--make-directories"], &a);
+        assert_eq!(
+            fs::read(dir.join(".locald/argv")).unwrap(),
+            b"echo\0hello world\0\0a'b\"c$d\n\0"
+        );
+        assert_eq!(
+            fs::read(dir.join(".locald/env")).unwrap(),
+            b"FOO=bar=baz\0EMPTY=\0"
+        );
+        assert_eq!(fs::read(dir.join(".locald/workdir")).unwrap(), b"/srv/app");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn command_archive_minimal_and_nul() {
+        let e = &parse_all(&command_archive(&GuestCommand::default()))[0];
+        assert_eq!(
+            e.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            [".locald"]
+        );
+        let cmd = GuestCommand {
+            argv: vec!["a\0b".into()],
+            ..Default::default()
+        };
+        let e = &parse_all(&command_archive(&cmd))[0];
+        assert_eq!(e[1].data, b"a\0");
+    }
+
+    #[test]
+    fn applet_list_from_fake_busybox() {
+        let dir = temp_dir("applets");
+        let fake = dir.join("busybox");
+        fs::write(&fake, "#!/bin/sh\n[ \"$1\" = --list-full ] || exit 9\nprintf 'bin/sh\\nusr/bin/[\\n\\nlinuxrc\\n/sbin/init\\n'\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            applet_list(&fake).unwrap(),
+            ["bin/sh", "usr/bin/[", "linuxrc", "sbin/init"]
+        );
+        fs::write(&fake, "#!/bin/sh\necho ../etc/x\necho bin/sh\n").unwrap();
+        assert!(matches!(
+            applet_list(&fake),
+            Err(AssetError::BadOutput { .. })
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn initramfs_assembly_with_fake_busybox() {
+        let applets: Vec<String> = [
+            "bin/sh",
+            "bin/ls",
+            "usr/bin/[",
+            "opt/x/tool",
+            "init",
+            "bin/busybox",
+            "bin/ls",
+        ]
+        .map(String::from)
+        .to_vec();
+        let a = assemble_initramfs(b"INIT", b"BUSYBOX", &applets).unwrap();
+        let e = &parse_all(&a)[0];
+        let names: Vec<&str> = e.iter().map(|p| p.name.as_str()).collect();
+        // Every entry's parent precedes it.
+        for (i, n) in names.iter().enumerate() {
+            if let Some((parent, _)) = n.rsplit_once('/') {
+                let pi = names
+                    .iter()
+                    .position(|x| *x == parent)
+                    .unwrap_or_else(|| panic!("no parent for {n}"));
+                assert!(pi < i, "{parent} after {n}");
+            }
+        }
+        let find = |n: &str| {
+            e.iter()
+                .find(|p| p.name == n)
+                .unwrap_or_else(|| panic!("missing {n}"))
+        };
+        assert_eq!(find("init").data, b"INIT");
+        assert_eq!(find("init").mode, 0o100_755);
+        assert_eq!(find("bin/busybox").data, b"BUSYBOX");
+        assert_eq!(find("bin/sh").data, b"/bin/busybox");
+        assert_eq!(find("bin/sh").mode, 0o120_777);
+        assert_eq!(find("opt/x/tool").data, b"/bin/busybox");
+        assert_eq!(find("dev/console").rdev, (5, 1));
+        assert_eq!(find("dev/console").mode, 0o020_600);
+        assert_eq!(find("dev/null").rdev, (1, 3));
+        assert_eq!(find("tmp").mode, 0o041_777);
+        assert_eq!(find("etc/passwd").data, ETC_PASSWD);
+        for d in [".locald", "proc", "sys", "run", "root", "mnt", "usr/sbin"] {
+            assert_eq!(find(d).mode & 0o170_000, 0o040_000, "{d}");
+        }
+        assert_eq!(names.iter().filter(|n| **n == "bin/ls").count(), 1);
+        assert_eq!(names.iter().filter(|n| **n == "init").count(), 1);
+
+        // Written atomically under its content hash.
+        let cache = temp_dir("initramfs-fake");
+        let path = cache.join(format!(
+            "initramfs-{}.cpio",
+            initramfs_hash(b"INIT", b"BUSYBOX")
+        ));
+        write_initramfs(&path, b"INIT", b"BUSYBOX", &applets).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), a);
+        assert_eq!(
+            fs::read_dir(&cache).unwrap().count(),
+            1,
+            "no temp files left"
+        );
+        fs::remove_dir_all(&cache).unwrap();
+    }
+
+    #[test]
+    fn initramfs_hash_covers_both_inputs() {
+        let h = initramfs_hash(b"a", b"b");
+        assert_eq!(h.len(), 16);
+        assert_ne!(h, initramfs_hash(b"a", b"c"));
+        assert_ne!(h, initramfs_hash(b"c", b"b"));
+        assert_ne!(initramfs_hash(b"ab", b""), initramfs_hash(b"a", b"b"));
+    }
+
+    #[test]
+    fn busybox_rejects_dynamic_host_binary() {
+        // A dynamic host binary is not used; with a cached static copy present
+        // that copy is returned without any download.
+        let cache = temp_dir("bb");
+        let cached = cache.join("busybox-1.0/busybox");
+        fs::create_dir_all(cached.parent().unwrap()).unwrap();
+        fs::write(&cached, init_binary()).unwrap(); // any static ELF will do
+        assert_eq!(busybox_in(&cache, Path::new("/bin/sh")).unwrap(), cached);
+        fs::remove_dir_all(&cache).unwrap();
+    }
+
+    /// End to end with the real embedded init and the host's static busybox
+    /// (skipped when the host has none).
+    #[test]
+    fn real_initramfs() {
+        if !is_static_file(Path::new(HOST_BUSYBOX)) {
+            eprintln!("skipping: {HOST_BUSYBOX} is not a static busybox");
+            return;
+        }
+        let cache = temp_dir("initramfs-real");
+        let bb = busybox_in(&cache, Path::new(HOST_BUSYBOX)).unwrap();
+        let path = initramfs_in(&cache, init_binary(), &bb).unwrap();
+        assert_eq!(initramfs_in(&cache, init_binary(), &bb).unwrap(), path);
+        let archive = fs::read(&path).unwrap();
+        assert_eq!(archive.len() % 4, 0);
+
+        let listing = host_cpio(&cache, &["-t", "--quiet"], &archive);
+        let names: Vec<&str> = listing.lines().collect();
+        for n in [
+            "init",
+            "bin/busybox",
+            "bin/sh",
+            "dev/console",
+            "dev/null",
+            "etc/passwd",
+            ".locald",
+            "tmp",
+        ] {
+            assert!(names.contains(&n), "{n} missing from cpio -t");
+        }
+        let x = cache.join("root");
+        fs::create_dir(&x).unwrap();
+        host_cpio(
+            &x,
+            &[
+                "-i",
+                "--quiet",
+                "--make-directories",
+                "--no-absolute-filenames",
+                "--nonmatching",
+                "dev/*",
+            ],
+            &archive,
+        );
+        assert!(check_static_elf(&fs::read(x.join("init")).unwrap()).is_ok());
+        assert!(check_static_elf(&fs::read(x.join("bin/busybox")).unwrap()).is_ok());
+        assert_eq!(
+            fs::read_link(x.join("bin/sh")).unwrap(),
+            Path::new("/bin/busybox")
+        );
+        // The extracted init refuses to run outside PID 1 (before touching
+        // any I/O port) with the documented message and code.
+        let out = Command::new(x.join("init")).output().unwrap();
+        assert_eq!(out.status.code(), Some(125));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "locald-init: refusing to run: not PID 1\n"
+        );
+
+        // A command archive appended after it is a second valid archive.
+        let mut both = archive.clone();
+        both.extend(command_archive(&GuestCommand {
+            argv: vec!["true".into()],
+            ..Default::default()
+        }));
+        let archives = parse_all(&both);
+        assert_eq!(archives.len(), 2);
+        fs::remove_dir_all(&cache).unwrap();
+    }
+}

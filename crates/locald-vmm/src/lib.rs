@@ -1,8 +1,194 @@
 //! locald-vmm: a single-binary microVM monitor.
 //!
 //! Public API: [`VmConfig`] → [`VirtualMachine::new`] → [`VirtualMachine::run`],
-//! which returns the guest's [`ExitStatus`]. Runs on the caller's thread; the
-//! VM spawns one thread per vCPU plus a console input thread.
+//! which returns the guest's [`ExitStatus`]. `new` and `run` run on the
+//! caller's thread; the VM spawns one thread per vCPU plus, with a stdio
+//! console, a console input thread.
+//!
+//! The platform seam is this whole-VM type: on Linux it drives `/dev/kvm`
+//! through the [`kvm`] backend; a macOS backend will bring its own devices.
 
 pub mod assets;
+pub mod config;
+pub mod console;
 pub mod cpio;
+pub mod devices;
+pub mod error;
+#[cfg(target_os = "linux")]
+pub mod kvm;
+pub mod profile;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::{ConsoleConfig, CpuCompat, SharedBuffer, VmConfig};
+pub use devices::control::Marker;
+pub use devices::ExitStatus;
+pub use error::{BootError, ConfigError, Error};
+
+use devices::serial::ConsoleSink;
+use devices::{Outcome, VmControl};
+
+/// Kernel command line every guest gets: serial console, reboot through the
+/// i8042 reset line, reboot at once on panic, and no probing of hardware we
+/// do not emulate.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Extra command line for the default guest: quiet boot, no delay-loop
+/// calibration work beyond what kvm-clock gives.
+pub const DEFAULT_GUEST_CMDLINE: &str = "quiet";
+
+/// Command line that keeps an unmodified kernel away from instructions a
+/// software KVM cannot emulate (see docs/software-kvm.md).
+pub const COMPAT_CMDLINE: &str =
+    "noxsave nosmap nosmep nopti clearcpuid=erms,fsrm tsc=reliable no_timer_check noreplace-smp";
+
+/// A configured virtual machine, ready to run once.
+pub struct VirtualMachine {
+    control: Arc<VmControl>,
+    #[cfg(target_os = "linux")]
+    backend: kvm::KvmVm,
+    console: ConsoleConfig,
+    timeout: Option<Duration>,
+    profile_hz: u32,
+    system_map: Option<std::path::PathBuf>,
+    compat: bool,
+    ran: bool,
+}
+
+impl VirtualMachine {
+    /// Validates `config`, resolves the default guest if needed, and builds
+    /// the VM (memory, devices, vCPUs, kernel loaded). Nothing runs yet.
+    pub fn new(config: VmConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let compat = match config.cpu_compat {
+            CpuCompat::On => true,
+            CpuCompat::Off => false,
+            CpuCompat::Auto => kvm::host::software_kvm_reason().is_some(),
+        };
+        if compat {
+            tracing::info!(
+                "software KVM host ({}): applying the CPU compatibility path",
+                kvm::host::software_kvm_reason().unwrap_or("forced with --cpu-compat on")
+            );
+        }
+        let default_kernel = config.kernel.is_none();
+        let (kernel, system_map) = match &config.kernel {
+            Some(k) => (k.clone(), config.system_map.clone()),
+            None => {
+                let k = assets::default_kernel()?;
+                (k.vmlinux, config.system_map.clone().or(Some(k.system_map)))
+            }
+        };
+        let mut initrd = match (&config.initrd, default_kernel) {
+            (Some(path), _) => Some((
+                path.display().to_string(),
+                std::fs::read(path).map_err(|e| ConfigError::File {
+                    path: path.clone(),
+                    err: e,
+                })?,
+            )),
+            (None, true) => {
+                let path = assets::default_initramfs()?;
+                Some((
+                    path.display().to_string(),
+                    std::fs::read(&path).map_err(|e| ConfigError::File {
+                        path: path.clone(),
+                        err: e,
+                    })?,
+                ))
+            }
+            (None, false) => None,
+        };
+        if let (Some(argv), Some((_, bytes))) = (&config.command, initrd.as_mut()) {
+            // newc archives concatenate: the command spec rides after the base image.
+            while bytes.len() % 4 != 0 {
+                bytes.push(0);
+            }
+            bytes.extend_from_slice(&assets::command_archive(&assets::GuestCommand {
+                argv: argv.clone(),
+                env: config.env.clone(),
+                workdir: config.workdir.clone(),
+            }));
+        }
+        let mut cmdline = BASE_CMDLINE.to_string();
+        if default_kernel {
+            cmdline.push(' ');
+            cmdline.push_str(DEFAULT_GUEST_CMDLINE);
+        }
+        if compat {
+            cmdline.push(' ');
+            cmdline.push_str(COMPAT_CMDLINE);
+        }
+        if let Some(extra) = &config.cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        let spec = kvm::BootSpec {
+            kernel,
+            initrd,
+            cmdline,
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            compat,
+        };
+        let sink = match &config.console {
+            ConsoleConfig::Stdio => ConsoleSink::Stdout,
+            ConsoleConfig::Buffer { output, .. } => ConsoleSink::Buffer(output.clone()),
+            ConsoleConfig::Null => ConsoleSink::Null,
+        };
+        let control = Arc::new(VmControl::new());
+        let backend = kvm::KvmVm::new(&spec, control.clone(), sink)?;
+        if let ConsoleConfig::Buffer { input, .. } = &config.console {
+            backend
+                .serial()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue_input(input);
+        }
+        Ok(VirtualMachine {
+            control,
+            backend,
+            console: config.console,
+            timeout: config.timeout,
+            profile_hz: config.profile_hz,
+            system_map,
+            compat,
+            ran: false,
+        })
+    }
+
+    /// Runs the guest to its end and returns how it ended. A VM runs once.
+    pub fn run(&mut self) -> Result<ExitStatus, Error> {
+        if self.ran {
+            return Err(Error::Device("this VM has already run".into()));
+        }
+        self.ran = true;
+        let (_raw, _input) = match self.console {
+            ConsoleConfig::Stdio => (
+                console::RawTerminal::enable(),
+                Some(console::InputThread::spawn(self.backend.serial())?),
+            ),
+            _ => (None, None),
+        };
+        let outcome = self.backend.run(self.timeout, self.profile_hz)?;
+        if self.profile_hz > 0 {
+            profile::report(&self.backend.samples(), self.system_map.as_deref());
+        }
+        match outcome {
+            Outcome::Status(s) => Ok(s),
+            Outcome::Failed(msg) => Err(Error::Run(msg)),
+        }
+    }
+
+    /// Markers the guest reported (userspace reached, command started…).
+    pub fn markers(&self) -> Vec<Marker> {
+        self.control.markers()
+    }
+
+    /// Whether the software-KVM compatibility path is on for this VM.
+    pub fn cpu_compat(&self) -> bool {
+        self.compat
+    }
+}

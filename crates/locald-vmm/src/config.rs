@@ -1,0 +1,266 @@
+//! VM configuration: what the user wants, never where it goes in guest memory.
+//!
+//! Pure data plus validation; used on the caller's thread before any VM exists.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// Smallest guest memory we accept: enough for boot structures and a tiny kernel.
+pub const MIN_MEMORY_MIB: u64 = 8;
+/// Hard upper bound on guest memory, whatever the host has.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20; // 1 TiB
+/// Upper bound on vCPUs: APIC ids in the MP table are 8-bit and 0xff is broadcast.
+pub const MAX_VCPUS: u8 = 254;
+
+/// Whether to apply the software-KVM compatibility path (CPUID masking,
+/// instruction emulation in the VMM, guest command-line switches).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuCompat {
+    /// Detect the host and apply the path only on a software KVM.
+    #[default]
+    Auto,
+    /// Always apply it.
+    On,
+    /// Never apply it.
+    Off,
+}
+
+/// A byte buffer shared between the VM's console and the caller.
+#[derive(Clone, Debug, Default)]
+pub struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuffer {
+    /// A copy of everything written so far.
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Everything written so far, lossily decoded as UTF-8.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.contents()).into_owned()
+    }
+}
+
+impl Write for SharedBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default)]
+pub enum ConsoleConfig {
+    /// Guest output to our stdout, our stdin to the guest (raw mode if a TTY).
+    #[default]
+    Stdio,
+    /// Guest output into `output`; `input` is fed to the guest at boot.
+    Buffer {
+        /// Bytes the guest reads from its console.
+        input: Vec<u8>,
+        /// Everything the guest writes to its console.
+        output: SharedBuffer,
+    },
+    /// Output discarded, no input.
+    Null,
+}
+
+/// What to run in the VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest kernel (ELF vmlinux or bzImage); `None` uses the default guest kernel.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk; `None` uses the default initramfs when the kernel is the
+    /// default one, and no initrd otherwise.
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command-line text, appended to the VMM's own.
+    pub cmdline: Option<String>,
+    /// Command (argv) for the guest init to run; `None` gives an interactive shell.
+    pub command: Option<Vec<String>>,
+    /// Environment for the command, as `KEY=VALUE` pairs.
+    pub env: Vec<(String, String)>,
+    /// Working directory for the command.
+    pub workdir: Option<String>,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Serial console wiring.
+    pub console: ConsoleConfig,
+    /// Software-KVM compatibility path.
+    pub cpu_compat: CpuCompat,
+    /// Give up (and report [`crate::ExitStatus::TimedOut`]) after this long.
+    pub timeout: Option<Duration>,
+    /// Sample the guest RIP this many times a second (debug aid; 0 = off).
+    pub profile_hz: u32,
+    /// `System.map` used to symbolise guest RIP samples.
+    pub system_map: Option<PathBuf>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            command: None,
+            env: Vec::new(),
+            workdir: None,
+            vcpus: 1,
+            memory_mib: 256,
+            console: ConsoleConfig::Stdio,
+            cpu_compat: CpuCompat::Auto,
+            timeout: None,
+            profile_hz: 0,
+            system_map: None,
+        }
+    }
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked without touching KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus as u32, MAX_VCPUS as u32));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib, MIN_MEMORY_MIB));
+        }
+        let host = host_memory_mib();
+        let limit = MAX_MEMORY_MIB.min(host.unwrap_or(MAX_MEMORY_MIB));
+        if self.memory_mib > limit {
+            return Err(ConfigError::MemoryTooLarge(self.memory_mib, limit));
+        }
+        if let Some(cmd) = &self.command {
+            if cmd.is_empty() {
+                return Err(ConfigError::EmptyCommand);
+            }
+        }
+        for p in [&self.kernel, &self.initrd, &self.system_map]
+            .into_iter()
+            .flatten()
+        {
+            check_readable_file(p)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_readable_file(path: &PathBuf) -> Result<(), ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|e| ConfigError::File {
+        path: path.clone(),
+        err: e,
+    })?;
+    if !meta.is_file() {
+        return Err(ConfigError::NotAFile(path.clone()));
+    }
+    std::fs::File::open(path).map_err(|e| ConfigError::File {
+        path: path.clone(),
+        err: e,
+    })?;
+    Ok(())
+}
+
+/// Total physical memory of the host in MiB, if it can be read.
+pub fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// Parses a memory size such as `512`, `512M`, `2G` or `1g` into MiB.
+/// A bare number means MiB.
+pub fn parse_memory_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::MemorySyntax(s.to_string());
+    let t = s.trim();
+    let (num, mult): (&str, u64) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'M' => 1,
+                'G' => 1024,
+                'T' => 1024 * 1024,
+                _ => return Err(bad()),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_parse() {
+        assert_eq!(parse_memory_size("512").unwrap(), 512);
+        assert_eq!(parse_memory_size("512M").unwrap(), 512);
+        assert_eq!(parse_memory_size("2G").unwrap(), 2048);
+        assert_eq!(parse_memory_size("1t").unwrap(), 1 << 20);
+        assert!(parse_memory_size("").is_err());
+        assert!(parse_memory_size("12K").is_err());
+        assert!(parse_memory_size("abc").is_err());
+        assert!(parse_memory_size("-1G").is_err());
+        assert!(parse_memory_size("99999999999999999999G").is_err());
+        assert!(parse_memory_size("18446744073709551615T").is_err());
+    }
+
+    #[test]
+    fn validation_rejects_bad_sizes() {
+        let mut c = VmConfig::default();
+        assert!(c.validate().is_ok());
+        c.memory_mib = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::MemoryTooSmall(0, _))
+        ));
+        c.memory_mib = 100 << 20;
+        assert!(matches!(c.validate(), Err(ConfigError::MemoryTooLarge(..))));
+        c.memory_mib = 64;
+        c.vcpus = 0;
+        assert!(matches!(c.validate(), Err(ConfigError::Vcpus(0, _))));
+        c.vcpus = 255;
+        assert!(c.validate().is_err());
+        c.vcpus = 2;
+        c.command = Some(vec![]);
+        assert!(matches!(c.validate(), Err(ConfigError::EmptyCommand)));
+    }
+
+    #[test]
+    fn validation_names_missing_files() {
+        let c = VmConfig {
+            kernel: Some("/nonexistent/vmlinux".into()),
+            ..VmConfig::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+        let c = VmConfig {
+            initrd: Some("/".into()),
+            ..VmConfig::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::NotAFile(_))));
+    }
+
+    #[test]
+    fn shared_buffer_collects() {
+        let mut b = SharedBuffer::default();
+        let c = b.clone();
+        b.write_all(b"hi ").unwrap();
+        b.write_all(b"there").unwrap();
+        assert_eq!(c.text(), "hi there");
+    }
+}

@@ -1,0 +1,111 @@
+//! Host side of the serial console input: a thread that forwards our stdin
+//! to the guest's UART (bounded; waits while the guest is not reading), and
+//! a guard that puts a terminal stdin into raw mode and restores it on drop.
+//! The input thread polls so it can notice the VM stopped and exit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::devices::serial::SerialDevice;
+
+/// Restores the terminal's settings when dropped.
+pub struct RawTerminal {
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    /// Puts stdin into raw mode if it is a terminal; `None` otherwise.
+    pub fn enable() -> Option<RawTerminal> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(0) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it and we check the result.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid termios to fill.
+        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only edits the struct we pass.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output post-processing so host-side messages still look right.
+        raw.c_oflag |= libc::OPOST;
+        // SAFETY: `raw` is a valid termios derived from the current one.
+        if unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `enable`.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// The stdin → UART forwarding thread.
+pub struct InputThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl InputThread {
+    /// Starts forwarding stdin to `serial`.
+    pub fn spawn(serial: Arc<Mutex<SerialDevice>>) -> std::io::Result<InputThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("console input".into())
+            .spawn(move || forward(serial, flag))?;
+        Ok(InputThread {
+            stop,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for InputThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn forward(serial: Arc<Mutex<SerialDevice>>, stop: Arc<AtomicBool>) {
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::SeqCst) {
+        let mut pfd = libc::pollfd {
+            fd: 0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, 100 ms timeout.
+        let r = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if r <= 0 {
+            continue;
+        }
+        // SAFETY: reads into our own buffer of the given length.
+        let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return; // EOF or error: nothing more to forward.
+        }
+        let mut rest = &buf[..n as usize];
+        while !rest.is_empty() && !stop.load(Ordering::SeqCst) {
+            let taken = serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .queue_input(rest);
+            rest = &rest[taken..];
+            if !rest.is_empty() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}

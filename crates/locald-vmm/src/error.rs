@@ -1,0 +1,88 @@
+//! Error types of the library. Every variant says what was wrong and, where a
+//! file is involved, which one. Used on every thread.
+
+use std::path::PathBuf;
+
+/// Bad configuration, found before any VM resource exists.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--cpus {0} is out of range: must be between 1 and {1}")]
+    Vcpus(u32, u32),
+    #[error("--memory {0} MiB is too small: at least {1} MiB is needed")]
+    MemoryTooSmall(u64, u64),
+    #[error("--memory {0} MiB is too large: at most {1} MiB (host memory) is allowed")]
+    MemoryTooLarge(u64, u64),
+    #[error(
+        "invalid memory size '{0}': use a number of MiB or a suffix M, G or T (e.g. 512M, 2G)"
+    )]
+    MemorySyntax(String),
+    #[error("the command to run is empty")]
+    EmptyCommand,
+    #[error("cannot read {}: {err}", .path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("{} is not a regular file", .0.display())]
+    NotAFile(PathBuf),
+}
+
+/// Problems loading the kernel, initrd and boot structures into guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot read kernel {}: {err}", .path.display())]
+    KernelRead {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+    #[error("kernel {} is empty", .0.display())]
+    KernelEmpty(PathBuf),
+    #[error("kernel {} is neither an x86-64 ELF vmlinux nor a bzImage ({})", .0.display(), .1)]
+    KernelFormat(PathBuf, String),
+    #[error("kernel {} does not fit in guest memory ({})", .0.display(), .1)]
+    KernelLoad(PathBuf, String),
+    #[error("initrd {0} ({1} bytes) does not fit in guest memory; give the VM more memory")]
+    InitrdTooBig(String, u64),
+    #[error("kernel command line is invalid or too long: {0}")]
+    Cmdline(String),
+    #[error("cannot write boot structures into guest memory: {0}")]
+    Setup(String),
+}
+
+/// Errors of the whole library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Asset(#[from] crate::assets::AssetError),
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled and do you have permission on /dev/kvm?)")]
+    KvmOpen(#[source] std::io::Error),
+    #[error("KVM: {what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+    #[error("--cpus {0} exceeds what this host's KVM allows ({1})")]
+    TooManyVcpus(u8, usize),
+    #[error("cannot allocate {0} MiB of guest memory: {1}")]
+    Memory(u64, String),
+    #[error("device setup failed: {0}")]
+    Device(String),
+    #[error("the VM failed: {0}")]
+    Run(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Wraps a KVM ioctl failure with what we were doing.
+    pub(crate) fn kvm(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error {
+        move |source| Error::Kvm { what, source }
+    }
+}

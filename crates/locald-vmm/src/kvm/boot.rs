@@ -1,0 +1,395 @@
+//! Loads the kernel and initrd into guest memory and writes the boot
+//! structures the kernel reads: PVH `hvm_start_info` for ELF kernels with a
+//! PVH entry, Linux `boot_params` for the 64-bit boot protocol (ELF without
+//! PVH, and bzImage). Runs on the setup thread, before any vCPU starts.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{bzimage::BzImage, KernelLoader};
+use linux_loader::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::*;
+use crate::error::BootError;
+
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryMode {
+    /// 32-bit protected mode, paging off, EBX = `hvm_start_info`.
+    Pvh,
+    /// 64-bit long mode, identity paging, RSI = `boot_params`.
+    Linux64,
+}
+
+/// Where and how the kernel starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelEntry {
+    /// Entry point (guest physical).
+    pub entry: u64,
+    /// Register setup the entry expects.
+    pub mode: EntryMode,
+}
+
+/// A kernel loaded into guest memory, before the boot structures are written.
+pub struct LoadedKernel {
+    /// Entry point and mode.
+    pub entry: KernelEntry,
+    /// First byte past what the kernel will occupy.
+    pub end: u64,
+    /// The bzImage setup header, if the kernel is a bzImage.
+    header: Option<linux_loader::loader::bootparam::setup_header>,
+}
+
+const XLF_KERNEL_64: u16 = 1 << 0;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+
+/// Loads an ELF vmlinux (PVH entry preferred) or a bzImage.
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    let mut file = File::open(path).map_err(|e| BootError::KernelRead {
+        path: path.into(),
+        err: e,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|e| BootError::KernelRead {
+            path: path.into(),
+            err: e,
+        })?
+        .len();
+    if len == 0 {
+        return Err(BootError::KernelEmpty(path.into()));
+    }
+    let mut magic = [0u8; 4];
+    let is_elf = file.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
+    let himem = Some(GuestAddress(HIMEM));
+    if is_elf {
+        let r = Elf::load(mem, None, &mut file, himem).map_err(|e| load_error(path, e))?;
+        let entry = match r.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(addr) => KernelEntry {
+                entry: addr.0,
+                mode: EntryMode::Pvh,
+            },
+            _ => KernelEntry {
+                entry: r.kernel_load.0,
+                mode: EntryMode::Linux64,
+            },
+        };
+        Ok(LoadedKernel {
+            entry,
+            end: r.kernel_end,
+            header: None,
+        })
+    } else {
+        let r = BzImage::load(mem, None, &mut file, himem).map_err(|e| load_error(path, e))?;
+        let hdr = r.setup_header.ok_or_else(|| {
+            BootError::KernelFormat(path.into(), "bzImage without a setup header".into())
+        })?;
+        if hdr.version < 0x020c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
+            return Err(BootError::KernelFormat(
+                path.into(),
+                "bzImage has no 64-bit entry point (boot protocol 2.12+ with XLF_KERNEL_64 needed)"
+                    .into(),
+            ));
+        }
+        let load = r.kernel_load.0;
+        Ok(LoadedKernel {
+            entry: KernelEntry {
+                entry: load + 0x200,
+                mode: EntryMode::Linux64,
+            },
+            end: r.kernel_end.max(load + u64::from(hdr.init_size)),
+            header: Some(hdr),
+        })
+    }
+}
+
+fn load_error(path: &Path, e: linux_loader::loader::Error) -> BootError {
+    use linux_loader::loader::Error as L;
+    match e {
+        L::MemoryOverflow | L::InvalidKernelStartAddress => {
+            BootError::KernelLoad(path.into(), e.to_string())
+        }
+        L::Elf(linux_loader::loader::elf::Error::ReadKernelImage) => {
+            BootError::KernelLoad(path.into(), e.to_string())
+        }
+        _ => BootError::KernelFormat(path.into(), e.to_string()),
+    }
+}
+
+/// Where the initrd landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitrdPlacement {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Copies the initrd as high in low RAM as the kernel allows.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    kernel: &LoadedKernel,
+    name: &str,
+    data: &[u8],
+) -> Result<InitrdPlacement, BootError> {
+    let size = data.len() as u64;
+    let addr_max = match kernel.header {
+        Some(h) if h.initrd_addr_max != 0 => u64::from(h.initrd_addr_max),
+        _ => INITRD_ADDR_MAX_DEFAULT,
+    };
+    let addr = initrd_address(mem_bytes, size, kernel.end, addr_max)
+        .ok_or_else(|| BootError::InitrdTooBig(name.to_string(), size))?;
+    mem.write_slice(data, GuestAddress(addr))
+        .map_err(|e| BootError::Setup(format!("initrd: {e}")))?;
+    Ok(InitrdPlacement { addr, size })
+}
+
+/// Writes the command line and the boot structures for `kernel`'s entry mode.
+pub fn write_boot_info(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    kernel: &LoadedKernel,
+    cmdline: &str,
+    initrd: Option<InitrdPlacement>,
+) -> Result<(), BootError> {
+    if cmdline.len() >= CMDLINE_MAX || cmdline.contains('\0') {
+        return Err(BootError::Cmdline(format!(
+            "{} bytes (at most {} allowed, no NUL bytes)",
+            cmdline.len(),
+            CMDLINE_MAX - 1
+        )));
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    let setup = |e: vm_memory::GuestMemoryError| BootError::Setup(e.to_string());
+    mem.write_slice(&bytes, GuestAddress(CMDLINE))
+        .map_err(setup)?;
+    let map = e820_map(mem_bytes);
+    match kernel.entry.mode {
+        EntryMode::Pvh => {
+            for (i, e) in map.iter().enumerate() {
+                let entry = hvm_memmap_table_entry {
+                    addr: e.addr,
+                    size: e.size,
+                    type_: e.kind,
+                    reserved: 0,
+                };
+                let at = PVH_MEMMAP + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
+                mem.write_obj(entry, GuestAddress(at)).map_err(setup)?;
+            }
+            let mut info = hvm_start_info {
+                magic: XEN_HVM_START_MAGIC,
+                version: 1,
+                cmdline_paddr: CMDLINE,
+                memmap_paddr: PVH_MEMMAP,
+                memmap_entries: map.len() as u32,
+                ..Default::default()
+            };
+            if let Some(rd) = initrd {
+                let m = hvm_modlist_entry {
+                    paddr: rd.addr,
+                    size: rd.size,
+                    ..Default::default()
+                };
+                mem.write_obj(m, GuestAddress(PVH_MODLIST)).map_err(setup)?;
+                info.nr_modules = 1;
+                info.modlist_paddr = PVH_MODLIST;
+            }
+            mem.write_obj(info, GuestAddress(PVH_INFO)).map_err(setup)?;
+        }
+        EntryMode::Linux64 => {
+            let mut params = boot_params::default();
+            if let Some(h) = kernel.header {
+                params.hdr = h;
+            } else {
+                params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+                params.hdr.header = KERNEL_HDR_MAGIC;
+                params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+            }
+            params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+            params.hdr.cmd_line_ptr = CMDLINE as u32;
+            params.hdr.cmdline_size = bytes.len() as u32;
+            if let Some(rd) = initrd {
+                params.hdr.ramdisk_image = rd.addr as u32;
+                params.hdr.ramdisk_size = rd.size as u32;
+            }
+            if map.len() > params.e820_table.len() {
+                return Err(BootError::Setup("too many e820 entries".into()));
+            }
+            for (slot, e) in params.e820_table.iter_mut().zip(&map) {
+                slot.addr = e.addr;
+                slot.size = e.size;
+                slot.type_ = e.kind;
+            }
+            params.e820_entries = map.len() as u8;
+            mem.write_obj(params, GuestAddress(ZERO_PAGE))
+                .map_err(setup)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemory;
+
+    fn memory(bytes: u64) -> GuestMemoryMmap {
+        let ranges: Vec<_> = ram_ranges(bytes)
+            .into_iter()
+            .map(|(a, s)| (GuestAddress(a), s as usize))
+            .collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    fn tmpfile(name: &str, data: &[u8]) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("locald-boot-{}-{name}", std::process::id()));
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    /// A minimal ELF64 with one PT_LOAD at 1 MiB and, optionally, a PVH note.
+    fn elf(pvh: bool) -> Vec<u8> {
+        let code = [0xf4u8; 16]; // hlt
+        let mut note = Vec::new();
+        note.extend_from_slice(&4u32.to_le_bytes()); // namesz "Xen\0"
+        note.extend_from_slice(&4u32.to_le_bytes()); // descsz
+        note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+        note.extend_from_slice(b"Xen\0");
+        note.extend_from_slice(&0x10_0008u32.to_le_bytes());
+        let phnum: u16 = if pvh { 2 } else { 1 };
+        let code_off = 64 + 56 * phnum as u64;
+        let note_off = code_off + code.len() as u64;
+        let mut f = Vec::new();
+        f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f.extend_from_slice(&62u16.to_le_bytes()); // x86-64
+        f.extend_from_slice(&1u32.to_le_bytes());
+        f.extend_from_slice(&0x10_0000u64.to_le_bytes()); // entry
+        f.extend_from_slice(&64u64.to_le_bytes()); // phoff
+        f.extend_from_slice(&0u64.to_le_bytes()); // shoff
+        f.extend_from_slice(&0u32.to_le_bytes());
+        f.extend_from_slice(&64u16.to_le_bytes());
+        f.extend_from_slice(&56u16.to_le_bytes());
+        f.extend_from_slice(&phnum.to_le_bytes());
+        f.extend_from_slice(&64u16.to_le_bytes());
+        f.extend_from_slice(&0u16.to_le_bytes());
+        f.extend_from_slice(&0u16.to_le_bytes());
+        let ph = |f: &mut Vec<u8>, ty: u32, off: u64, addr: u64, size: u64| {
+            f.extend_from_slice(&ty.to_le_bytes());
+            f.extend_from_slice(&5u32.to_le_bytes());
+            f.extend_from_slice(&off.to_le_bytes());
+            f.extend_from_slice(&addr.to_le_bytes());
+            f.extend_from_slice(&addr.to_le_bytes());
+            f.extend_from_slice(&size.to_le_bytes());
+            f.extend_from_slice(&size.to_le_bytes());
+            f.extend_from_slice(&4u64.to_le_bytes());
+        };
+        ph(&mut f, 1, code_off, 0x10_0000, code.len() as u64);
+        if pvh {
+            ph(&mut f, 4, note_off, 0, note.len() as u64);
+        }
+        f.extend_from_slice(&code);
+        f.extend_from_slice(&note);
+        f
+    }
+
+    #[test]
+    fn elf_with_pvh_note_boots_pvh() {
+        let mem = memory(32 << 20);
+        let p = tmpfile("pvh", &elf(true));
+        let k = load_kernel(&mem, &p).unwrap();
+        assert_eq!(
+            k.entry,
+            KernelEntry {
+                entry: 0x10_0008,
+                mode: EntryMode::Pvh
+            }
+        );
+        let rd = load_initrd(&mem, 32 << 20, &k, "rd", b"initrd!").unwrap();
+        write_boot_info(&mem, 32 << 20, &k, "console=ttyS0", Some(rd)).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO)).unwrap();
+        assert_eq!(info.magic, XEN_HVM_START_MAGIC);
+        assert_eq!(info.memmap_entries, 3);
+        assert_eq!(info.nr_modules, 1);
+        let m: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!((m.paddr, m.size), (rd.addr, 7));
+        let mut got = [0u8; 7];
+        mem.read_slice(&mut got, GuestAddress(m.paddr)).unwrap();
+        assert_eq!(&got, b"initrd!");
+        let mut cl = [0u8; 14];
+        mem.read_slice(&mut cl, GuestAddress(info.cmdline_paddr))
+            .unwrap();
+        assert_eq!(&cl, b"console=ttyS0\0");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn elf_without_note_boots_linux64() {
+        let mem = memory(32 << 20);
+        let p = tmpfile("l64", &elf(false));
+        let k = load_kernel(&mem, &p).unwrap();
+        assert_eq!(
+            k.entry,
+            KernelEntry {
+                entry: 0x10_0000,
+                mode: EntryMode::Linux64
+            }
+        );
+        write_boot_info(&mem, 32 << 20, &k, "x", None).unwrap();
+        let bp: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE)).unwrap();
+        assert_eq!({ bp.hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ bp.hdr.cmd_line_ptr }, CMDLINE as u32);
+        assert_eq!(bp.e820_entries, 3);
+        assert_eq!({ bp.e820_table[2].addr }, HIMEM);
+        assert_eq!({ bp.hdr.ramdisk_image }, 0);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn garbage_kernels_are_rejected_with_their_name() {
+        let mem = memory(32 << 20);
+        let cases: [(&str, Vec<u8>); 3] = [
+            ("empty", vec![]),
+            (
+                "random",
+                (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            ),
+            ("truncated", elf(true)[..100].to_vec()),
+        ];
+        for (name, data) in cases {
+            let p = tmpfile(name, &data);
+            let err = load_kernel(&mem, &p).err().expect(name).to_string();
+            assert!(err.contains(p.to_str().unwrap()), "{name}: {err}");
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn oversized_initrd_and_cmdline_fail() {
+        let mem = memory(16 << 20);
+        let p = tmpfile("big", &elf(true));
+        let k = load_kernel(&mem, &p).unwrap();
+        let big = vec![0u8; 16 << 20];
+        assert!(matches!(
+            load_initrd(&mem, 16 << 20, &k, "big.img", &big),
+            Err(BootError::InitrdTooBig(..))
+        ));
+        let long = "a".repeat(CMDLINE_MAX);
+        assert!(matches!(
+            write_boot_info(&mem, 16 << 20, &k, &long, None),
+            Err(BootError::Cmdline(_))
+        ));
+        assert!(mem.last_addr().0 < (16 << 20));
+        std::fs::remove_file(p).unwrap();
+    }
+}

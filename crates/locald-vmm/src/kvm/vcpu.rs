@@ -1,0 +1,212 @@
+//! vCPU creation, setup and the run loop. Each vCPU runs on its own thread
+//! (named `vcpu N`); the thread that called `run()` stops them by setting
+//! the stop flag and kicking them with a real-time signal, which makes
+//! `KVM_RUN` return `EINTR`. The same kick, with the profiling flag set,
+//! takes a guest-RIP sample.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_run, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::boot::KernelEntry;
+use super::exits::{self, Action, Exit};
+use super::{cpuid, regs};
+use crate::devices::{Bus, VmControl};
+use crate::error::Error;
+
+/// Signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process.
+pub fn install_kick_handler() -> Result<(), Error> {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(Error::kvm("installing the vCPU kick signal handler"));
+    });
+    result
+}
+
+/// What every vCPU thread shares.
+pub struct VcpuShared {
+    /// Port I/O bus.
+    pub pio: Bus,
+    /// MMIO bus.
+    pub mmio: Bus,
+    /// Stop flag and outcome.
+    pub control: Arc<VmControl>,
+    /// Guest memory (for decoding failed instructions).
+    pub mem: GuestMemoryMmap,
+    /// Guest RIP histogram when profiling.
+    pub samples: Mutex<HashMap<u64, u64>>,
+}
+
+/// Per-vCPU flag: the next kick is a profiling sample.
+#[derive(Default)]
+pub struct SampleFlag(pub AtomicBool);
+
+/// Creates vCPU `id` and gives it CPUID, MSRs, LAPIC LINT pins and, for the
+/// boot vCPU, the entry register state.
+pub fn create(
+    kvm: &Kvm,
+    vm: &VmFd,
+    id: u8,
+    cpus: u8,
+    compat: bool,
+    entry: KernelEntry,
+) -> Result<VcpuFd, Error> {
+    let vcpu = vm
+        .create_vcpu(u64::from(id))
+        .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut entries = supported.as_slice().to_vec();
+    cpuid::configure(&mut entries, id, cpus, compat);
+    let cpuid =
+        CpuId::from_entries(&entries).map_err(|e| Error::Device(format!("cpuid: {e:?}")))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+    let msrs = Msrs::from_entries(&regs::boot_msrs())
+        .map_err(|e| Error::Device(format!("msrs: {e:?}")))?;
+    vcpu.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
+    let lapic = vcpu.get_lapic().map_err(Error::kvm("KVM_GET_LAPIC"))?;
+    vcpu.set_lapic(&regs::set_lint(lapic))
+        .map_err(Error::kvm("KVM_SET_LAPIC"))?;
+    vcpu.set_fpu(&regs::boot_fpu())
+        .map_err(Error::kvm("KVM_SET_FPU"))?;
+    if id == 0 {
+        let sregs = vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&regs::boot_sregs(sregs, entry.mode))
+            .map_err(Error::kvm("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&regs::boot_regs(entry))
+            .map_err(Error::kvm("KVM_SET_REGS"))?;
+    }
+    Ok(vcpu)
+}
+
+fn convert<'a>(exit: VcpuExit<'a>, run: Option<&kvm_run>) -> Exit<'a> {
+    match exit {
+        VcpuExit::IoIn(p, d) => Exit::IoIn(p, d),
+        VcpuExit::IoOut(p, d) => Exit::IoOut(p, d),
+        VcpuExit::MmioRead(a, d) => Exit::MmioRead(a, d),
+        VcpuExit::MmioWrite(a, d) => Exit::MmioWrite(a, d),
+        VcpuExit::Hlt => Exit::Hlt,
+        VcpuExit::Shutdown => Exit::Shutdown,
+        VcpuExit::SystemEvent(t, _) => Exit::SystemEvent(t),
+        VcpuExit::InternalError => {
+            // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the
+            // `internal` member of the exit union.
+            let sub = run.map(|r| unsafe { r.__bindgen_anon_1.internal.suberror });
+            Exit::InternalError(sub.unwrap_or(0))
+        }
+        VcpuExit::FailEntry(reason, _) => Exit::FailEntry(reason),
+        VcpuExit::Unknown => Exit::Other("Unknown"),
+        VcpuExit::Exception => Exit::Other("Exception"),
+        VcpuExit::Debug(_) => Exit::Other("Debug"),
+        VcpuExit::IrqWindowOpen => Exit::Other("IrqWindowOpen"),
+        VcpuExit::Intr => Exit::Other("Intr"),
+        _ => Exit::Other("unsupported"),
+    }
+}
+
+/// Describes the instruction at the guest's RIP for error messages.
+pub fn describe_rip(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
+    let Ok(r) = vcpu.get_regs() else {
+        return "RIP unknown".into();
+    };
+    let Ok(s) = vcpu.get_sregs() else {
+        return format!("RIP {:#x}", r.rip);
+    };
+    let linear = s.cs.base.wrapping_add(r.rip);
+    let bytes = vcpu
+        .translate_gva(linear)
+        .ok()
+        .filter(|t| t.valid != 0)
+        .and_then(|t| {
+            let mut b = [0u8; 15];
+            mem.read_slice(&mut b, GuestAddress(t.physical_address))
+                .ok()
+                .map(|_| b)
+        });
+    match bytes {
+        Some(b) => format!(
+            "RIP {:#x}, instruction bytes {}",
+            r.rip,
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        None => format!("RIP {:#x} (not mapped)", r.rip),
+    }
+}
+
+/// The vCPU thread body: runs until the VM stops, reporting failures to
+/// the control block.
+pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<VcpuShared>, sample: Arc<SampleFlag>) {
+    let control = &shared.control;
+    loop {
+        if control.should_stop() {
+            return;
+        }
+        let action = match vcpu.run() {
+            Ok(exit) => {
+                let exit = convert(exit, None);
+                let exit = match exit {
+                    Exit::InternalError(_) => {
+                        let sub = convert(VcpuExit::InternalError, Some(vcpu.get_kvm_run()));
+                        sub
+                    }
+                    e => e,
+                };
+                exits::handle(exit, &shared.pio, &shared.mmio)
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                if sample.0.swap(false, Ordering::Relaxed) {
+                    if let Ok(r) = vcpu.get_regs() {
+                        *shared
+                            .samples
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(r.rip)
+                            .or_default() += 1;
+                    }
+                }
+                Action::Continue
+            }
+            Err(e) => Action::Fatal(format!("KVM_RUN failed: {e}")),
+        };
+        match action {
+            Action::Continue => {}
+            Action::Stop(status) => {
+                control.request_stop(status);
+                return;
+            }
+            Action::EmulationFailure => {
+                control.fail(format!(
+                    "vCPU {id}: KVM could not emulate an instruction ({})",
+                    describe_rip(&vcpu, &shared.mem)
+                ));
+                return;
+            }
+            Action::Fatal(msg) => {
+                control.fail(format!(
+                    "vCPU {id}: {msg} ({})",
+                    describe_rip(&vcpu, &shared.mem)
+                ));
+                return;
+            }
+        }
+    }
+}
