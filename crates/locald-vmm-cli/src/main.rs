@@ -146,6 +146,15 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     tracing::info!("VM set up in {:.3} s", start.elapsed().as_secs_f64());
     let status = vm.run()?;
     if args.verbose {
+        let mut emulated: Vec<_> = vm.emulated_instructions().into_iter().collect();
+        emulated.sort();
+        if !emulated.is_empty() {
+            let list: Vec<String> = emulated.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            eprintln!(
+                "locald-vmm: instructions completed by the VMM: {}",
+                list.join(", ")
+            );
+        }
         for m in vm.markers() {
             eprintln!(
                 "locald-vmm: guest marker {} at {:.3} s",
@@ -193,6 +202,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .without_time()
+        .with_ansi(false)
         .init();
     match run(args) {
         Ok(code) => ExitCode::from(code),

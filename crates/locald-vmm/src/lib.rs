@@ -187,6 +187,12 @@ impl VirtualMachine {
         self.control.markers()
     }
 
+    /// Instructions the VMM completed because KVM's emulator could not, by
+    /// kind (software-KVM hosts only; empty on hardware KVM).
+    pub fn emulated_instructions(&self) -> std::collections::HashMap<&'static str, u64> {
+        self.backend.emulated()
+    }
+
     /// Whether the software-KVM compatibility path is on for this VM.
     pub fn cpu_compat(&self) -> bool {
         self.compat

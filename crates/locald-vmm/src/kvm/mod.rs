@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod emulate;
 pub mod exits;
 pub mod host;
 pub mod layout;
@@ -152,6 +153,7 @@ impl KvmVm {
                 control,
                 mem,
                 samples: Mutex::new(HashMap::new()),
+                emulated: Mutex::new(HashMap::new()),
             }),
             serial,
         })
@@ -213,6 +215,15 @@ impl KvmVm {
             let _ = t.join();
         }
         Ok(outcome)
+    }
+
+    /// Instructions the VMM completed for KVM's emulator, by kind.
+    pub fn emulated(&self) -> HashMap<&'static str, u64> {
+        self.shared
+            .emulated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Guest RIP samples taken while profiling.

@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::boot::KernelEntry;
 use super::exits::{self, Action, Exit};
-use super::{cpuid, regs};
+use super::{cpuid, emulate, regs};
 use crate::devices::{Bus, VmControl};
 use crate::error::Error;
 
@@ -48,6 +48,8 @@ pub struct VcpuShared {
     pub mem: GuestMemoryMmap,
     /// Guest RIP histogram when profiling.
     pub samples: Mutex<HashMap<u64, u64>>,
+    /// Instructions completed by [`emulate`], by kind.
+    pub emulated: Mutex<HashMap<&'static str, u64>>,
 }
 
 /// Per-vCPU flag: the next kick is a profiling sample.
@@ -119,25 +121,90 @@ fn convert<'a>(exit: VcpuExit<'a>, run: Option<&kvm_run>) -> Exit<'a> {
     }
 }
 
+/// Reads guest-virtual memory page by page through the vCPU's page tables.
+fn read_guest_virt(vcpu: &VcpuFd, mem: &GuestMemoryMmap, linear: u64, buf: &mut [u8]) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        let addr = linear.wrapping_add(done as u64);
+        let in_page = (0x1000 - (addr & 0xfff)) as usize;
+        let n = in_page.min(buf.len() - done);
+        let Ok(t) = vcpu.translate_gva(addr) else {
+            return false;
+        };
+        if t.valid == 0
+            || mem
+                .read_slice(&mut buf[done..done + n], GuestAddress(t.physical_address))
+                .is_err()
+        {
+            return false;
+        }
+        done += n;
+    }
+    true
+}
+
+/// The registers, the instruction bytes at the guest's RIP, and the CPU
+/// mode's bitness.
+fn fetch_instruction(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+) -> Option<(kvm_bindings::kvm_regs, [u8; 15], u32)> {
+    let r = vcpu.get_regs().ok()?;
+    let s = vcpu.get_sregs().ok()?;
+    let bitness = if s.efer & (1 << 10) != 0 && s.cs.l == 1 {
+        64
+    } else if s.cs.db == 1 {
+        32
+    } else {
+        16
+    };
+    let linear = if bitness == 64 {
+        r.rip
+    } else {
+        s.cs.base.wrapping_add(r.rip)
+    };
+    let mut b = [0u8; 15];
+    // An instruction at the end of a mapping may have fewer readable bytes.
+    let mut len = 15;
+    while len > 0 && !read_guest_virt(vcpu, mem, linear, &mut b[..len]) {
+        len -= 1;
+    }
+    (len > 0).then_some((r, b, bitness))
+}
+
+/// Completes an instruction KVM could not emulate, or says why not.
+fn complete_instruction(vcpu: &VcpuFd, shared: &VcpuShared) -> Result<(), String> {
+    let (mut regs, bytes, bitness) =
+        fetch_instruction(vcpu, &shared.mem).ok_or_else(|| describe_rip(vcpu, &shared.mem))?;
+    let (effect, kind) = emulate::emulate(&bytes, bitness, &mut regs).map_err(|e| e.to_string())?;
+    vcpu.set_regs(&regs)
+        .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+    if let emulate::Effect::InjectException(vector) = effect {
+        let mut ev = vcpu
+            .get_vcpu_events()
+            .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+        ev.exception.injected = 1;
+        ev.exception.nr = vector;
+        ev.exception.has_error_code = 0;
+        ev.exception.error_code = 0;
+        vcpu.set_vcpu_events(&ev)
+            .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))?;
+    }
+    *shared
+        .emulated
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(kind)
+        .or_default() += 1;
+    Ok(())
+}
+
 /// Describes the instruction at the guest's RIP for error messages.
 pub fn describe_rip(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
     let Ok(r) = vcpu.get_regs() else {
         return "RIP unknown".into();
     };
-    let Ok(s) = vcpu.get_sregs() else {
-        return format!("RIP {:#x}", r.rip);
-    };
-    let linear = s.cs.base.wrapping_add(r.rip);
-    let bytes = vcpu
-        .translate_gva(linear)
-        .ok()
-        .filter(|t| t.valid != 0)
-        .and_then(|t| {
-            let mut b = [0u8; 15];
-            mem.read_slice(&mut b, GuestAddress(t.physical_address))
-                .ok()
-                .map(|_| b)
-        });
+    let bytes = fetch_instruction(vcpu, mem).map(|(_, b, _)| b);
     match bytes {
         Some(b) => format!(
             "RIP {:#x}, instruction bytes {}",
@@ -194,11 +261,12 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<VcpuShared>, sample: Arc<S
                 return;
             }
             Action::EmulationFailure => {
-                control.fail(format!(
-                    "vCPU {id}: KVM could not emulate an instruction ({})",
-                    describe_rip(&vcpu, &shared.mem)
-                ));
-                return;
+                if let Err(msg) = complete_instruction(&vcpu, &shared) {
+                    control.fail(format!(
+                        "vCPU {id}: KVM could not emulate an instruction: {msg}"
+                    ));
+                    return;
+                }
             }
             Action::Fatal(msg) => {
                 control.fail(format!(

@@ -1,0 +1,275 @@
+//! Instructions the VMM completes itself when KVM's instruction emulator
+//! gives up (`KVM_EXIT_INTERNAL_ERROR`, emulation failure). This matters on
+//! software-KVM hosts (PVM), where every guest-kernel instruction goes
+//! through that emulator, which lacks a few that Linux executes. Runs on
+//! the vCPU thread that took the exit; the decision is a pure function of
+//! the instruction bytes and registers, tested without KVM.
+//!
+//! Handled (see docs/software-kvm.md):
+//! - `int3`: advance RIP past it and inject #BP (a trap), as the CPU would.
+//! - `clac` / `stac`: clear / set RFLAGS.AC.
+//! - `popcnt r, r` (register form, 16/32/64-bit): compute, set ZF, clear
+//!   CF/OF/SF/AF/PF.
+//! - `fwait`/`wait`: no x87 exceptions are ever pending, so a no-op.
+//!
+//! Anything else ends the VM with an error naming the instruction, its
+//! bytes and the guest RIP.
+
+use iced_x86::{
+    Code, Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, OpKind, Register,
+};
+use kvm_bindings::kvm_regs;
+
+/// What the vCPU loop must do after a handled instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Registers updated; re-enter the guest.
+    Done,
+    /// Registers updated; inject exception vector `0` (no error code) first.
+    InjectException(u8),
+}
+
+/// An instruction we could not complete.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot emulate `{text}` (bytes {bytes}) at guest RIP {rip:#x}")]
+pub struct Unhandled {
+    /// The instruction as Intel-syntax text (or "invalid").
+    pub text: String,
+    /// The instruction's bytes in hex.
+    pub bytes: String,
+    /// Guest RIP.
+    pub rip: u64,
+}
+
+/// The kind of a handled instruction, for statistics.
+pub fn kind_name(code: Code) -> &'static str {
+    match code {
+        Code::Int3 => "int3",
+        Code::Clac => "clac",
+        Code::Stac => "stac",
+        Code::Wait => "fwait",
+        Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => "popcnt",
+        _ => "other",
+    }
+}
+
+const RFLAGS_CF: u64 = 1 << 0;
+const RFLAGS_PF: u64 = 1 << 2;
+const RFLAGS_AF: u64 = 1 << 4;
+const RFLAGS_ZF: u64 = 1 << 6;
+const RFLAGS_SF: u64 = 1 << 7;
+const RFLAGS_OF: u64 = 1 << 11;
+const RFLAGS_AC: u64 = 1 << 18;
+
+/// Decodes one instruction for a CPU in `bitness`-bit mode at `rip`.
+pub fn decode(bytes: &[u8], bitness: u32, rip: u64) -> Instruction {
+    Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE).decode()
+}
+
+fn describe(insn: &Instruction, bytes: &[u8], rip: u64) -> Unhandled {
+    let text = if insn.is_invalid() {
+        "invalid".to_string()
+    } else {
+        let mut s = String::new();
+        IntelFormatter::new().format(insn, &mut s);
+        s
+    };
+    let n = if insn.is_invalid() {
+        bytes.len().min(15)
+    } else {
+        insn.len()
+    };
+    Unhandled {
+        text,
+        bytes: bytes[..n]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        rip,
+    }
+}
+
+/// The full 64-bit register behind `reg` and the width of `reg` in bytes.
+fn gpr(regs: &mut kvm_regs, reg: Register) -> Option<(&mut u64, u32)> {
+    let full = reg.full_register();
+    let slot = match full {
+        Register::RAX => &mut regs.rax,
+        Register::RBX => &mut regs.rbx,
+        Register::RCX => &mut regs.rcx,
+        Register::RDX => &mut regs.rdx,
+        Register::RSI => &mut regs.rsi,
+        Register::RDI => &mut regs.rdi,
+        Register::RSP => &mut regs.rsp,
+        Register::RBP => &mut regs.rbp,
+        Register::R8 => &mut regs.r8,
+        Register::R9 => &mut regs.r9,
+        Register::R10 => &mut regs.r10,
+        Register::R11 => &mut regs.r11,
+        Register::R12 => &mut regs.r12,
+        Register::R13 => &mut regs.r13,
+        Register::R14 => &mut regs.r14,
+        Register::R15 => &mut regs.r15,
+        _ => return None,
+    };
+    Some((slot, reg.size() as u32))
+}
+
+/// Completes the instruction in `bytes` (read at the guest's RIP) for a CPU
+/// in `bitness`-bit mode, updating `regs`.
+pub fn emulate(
+    bytes: &[u8],
+    bitness: u32,
+    regs: &mut kvm_regs,
+) -> Result<(Effect, &'static str), Unhandled> {
+    let rip = regs.rip;
+    let insn = decode(bytes, bitness, rip);
+    let next = insn.next_ip();
+    let kind = kind_name(insn.code());
+    let effect = match insn.code() {
+        Code::Int3 => Effect::InjectException(3),
+        Code::Clac => {
+            regs.rflags &= !RFLAGS_AC;
+            Effect::Done
+        }
+        Code::Stac => {
+            regs.rflags |= RFLAGS_AC;
+            Effect::Done
+        }
+        Code::Wait => Effect::Done,
+        Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64
+            if insn.op1_kind() == OpKind::Register =>
+        {
+            let (src, width) =
+                gpr(regs, insn.op1_register()).ok_or_else(|| describe(&insn, bytes, rip))?;
+            let mask = if width == 8 {
+                u64::MAX
+            } else {
+                (1u64 << (width * 8)) - 1
+            };
+            let value = *src & mask;
+            let count = u64::from(value.count_ones());
+            let (dst, width) =
+                gpr(regs, insn.op0_register()).ok_or_else(|| describe(&insn, bytes, rip))?;
+            *dst = match width {
+                2 => (*dst & !0xffff) | count,
+                _ => count, // 32-bit writes zero-extend; 64-bit is whole
+            };
+            regs.rflags &= !(RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF);
+            if value == 0 {
+                regs.rflags |= RFLAGS_ZF;
+            }
+            Effect::Done
+        }
+        _ => return Err(describe(&insn, bytes, rip)),
+    };
+    regs.rip = if bitness == 64 {
+        next
+    } else {
+        next & 0xffff_ffff
+    };
+    Ok((effect, kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs() -> kvm_regs {
+        kvm_regs {
+            rip: 0xffff_ffff_8100_0000,
+            rflags: 0x2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn int3_advances_and_injects_breakpoint() {
+        let mut r = regs();
+        assert_eq!(
+            emulate(&[0xcc, 0x90], 64, &mut r).unwrap(),
+            (Effect::InjectException(3), "int3")
+        );
+        assert_eq!(r.rip, 0xffff_ffff_8100_0001);
+    }
+
+    #[test]
+    fn clac_stac_toggle_ac() {
+        let mut r = regs();
+        assert_eq!(
+            emulate(&[0x0f, 0x01, 0xcb], 64, &mut r).unwrap().0,
+            Effect::Done
+        ); // stac
+        assert_ne!(r.rflags & RFLAGS_AC, 0);
+        assert_eq!(r.rip, 0xffff_ffff_8100_0003);
+        emulate(&[0x0f, 0x01, 0xca], 64, &mut r).unwrap(); // clac
+        assert_eq!(r.rflags & RFLAGS_AC, 0);
+        assert_eq!(r.rip, 0xffff_ffff_8100_0006);
+    }
+
+    #[test]
+    fn fwait_is_a_no_op() {
+        let mut r = regs();
+        let before = r;
+        assert_eq!(
+            emulate(&[0x9b], 64, &mut r).unwrap(),
+            (Effect::Done, "fwait")
+        );
+        assert_eq!(r.rip, before.rip + 1);
+        assert_eq!(r.rax, before.rax);
+    }
+
+    #[test]
+    fn popcnt_register_forms() {
+        // popcnt rax, rbx
+        let mut r = regs();
+        r.rbx = 0xf0f0_0000_0000_0001;
+        r.rflags |= RFLAGS_CF | RFLAGS_ZF;
+        emulate(&[0xf3, 0x48, 0x0f, 0xb8, 0xc3], 64, &mut r).unwrap();
+        assert_eq!(r.rax, 9);
+        assert_eq!(r.rflags & (RFLAGS_CF | RFLAGS_ZF), 0);
+        assert_eq!(r.rip, 0xffff_ffff_8100_0005);
+        // popcnt ecx, edx with a zero source: ZF set, upper half of rcx cleared
+        let mut r = regs();
+        r.rcx = u64::MAX;
+        r.rdx = 0xffff_ffff_0000_0000;
+        emulate(&[0xf3, 0x0f, 0xb8, 0xca], 64, &mut r).unwrap();
+        assert_eq!(r.rcx, 0);
+        assert_ne!(r.rflags & RFLAGS_ZF, 0);
+        // popcnt r9w, r10w keeps the upper bits of r9
+        let mut r = regs();
+        r.r9 = 0x1234_5678_0000_ffff;
+        r.r10 = 0xffff_ffff_ffff_0007;
+        emulate(&[0x66, 0xf3, 0x45, 0x0f, 0xb8, 0xca], 64, &mut r).unwrap();
+        assert_eq!(r.r9, 0x1234_5678_0000_0003);
+    }
+
+    #[test]
+    fn popcnt_from_memory_and_others_are_refused_by_name() {
+        let mut r = regs();
+        // popcnt rax, [rbx]
+        let e = emulate(&[0xf3, 0x48, 0x0f, 0xb8, 0x03], 64, &mut r).unwrap_err();
+        assert!(e.text.starts_with("popcnt"), "{e}");
+        assert_eq!(e.bytes, "f3 48 0f b8 03");
+        assert_eq!(r, regs(), "registers untouched on failure");
+        // xrstor [rdi]
+        let e = emulate(&[0x0f, 0xae, 0x2f], 64, &mut r).unwrap_err();
+        assert!(e.text.starts_with("xrstor"), "{e}");
+        assert!(e.to_string().contains("0xffffffff81000000"));
+        // garbage
+        let e = emulate(&[0x0f, 0x0b], 64, &mut r).unwrap_err();
+        assert_eq!(e.text, "ud2");
+        let e = emulate(&[0x0f], 64, &mut r).unwrap_err();
+        assert_eq!(e.text, "invalid");
+    }
+
+    #[test]
+    fn thirty_two_bit_mode_wraps_rip() {
+        let mut r = kvm_regs {
+            rip: 0xffff_ffff,
+            ..Default::default()
+        };
+        emulate(&[0x9b], 32, &mut r).unwrap();
+        assert_eq!(r.rip, 0);
+    }
+}
