@@ -33,6 +33,9 @@ enum Command {
     /// The exit status is the command's; 125 means the VMM failed, 126/127
     /// that the command could not be executed / was not found.
     Run(RunArgs),
+    /// Build (or find in the cache) the default guest kernel and initramfs,
+    /// and print where they are. `run` does this on first use anyway.
+    Prepare,
 }
 
 #[derive(clap::Args, Debug)]
@@ -173,6 +176,14 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     Ok(status.code().clamp(0, 255) as u8)
 }
 
+fn prepare() -> anyhow::Result<()> {
+    let kernel = locald_vmm::assets::default_kernel()?;
+    let initramfs = locald_vmm::assets::default_initramfs()?;
+    println!("kernel:    {}", kernel.vmlinux.display());
+    println!("initramfs: {}", initramfs.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -193,7 +204,18 @@ fn main() -> ExitCode {
             return ExitCode::from(VMM_ERROR);
         }
     };
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::Prepare => {
+            return match prepare() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("locald-vmm: error: {e:#}");
+                    ExitCode::from(VMM_ERROR)
+                }
+            }
+        }
+    };
     let level = if args.verbose { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

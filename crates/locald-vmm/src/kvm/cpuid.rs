@@ -175,9 +175,22 @@ fn id_bits(n: u8) -> u32 {
     }
 }
 
+/// The compatibility mask: [`COMPAT_MASKED`] minus the features named in
+/// `keep` (comma-separated; from `LOCALD_VMM_COMPAT_KEEP`, a debug aid to
+/// re-verify each entry by booting without it).
+pub fn compat_mask(keep: &str) -> Vec<Masked> {
+    let keep: Vec<&str> = keep.split(',').map(str::trim).collect();
+    COMPAT_MASKED
+        .iter()
+        .filter(|m| !keep.contains(&m.name))
+        .copied()
+        .collect()
+}
+
 /// Adjusts `entries` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `cpu` of
-/// `cpus`. With `compat`, also hides [`COMPAT_MASKED`].
-pub fn configure(entries: &mut [kvm_cpuid_entry2], cpu: u8, cpus: u8, compat: bool) {
+/// `cpus`, and hides the features in `masked` (empty unless the
+/// software-KVM compatibility path is on).
+pub fn configure(entries: &mut [kvm_cpuid_entry2], cpu: u8, cpus: u8, masked: &[Masked]) {
     for e in entries.iter_mut() {
         match e.function {
             1 => {
@@ -229,9 +242,9 @@ pub fn configure(entries: &mut [kvm_cpuid_entry2], cpu: u8, cpus: u8, compat: bo
             }
             _ => {}
         }
-        if compat {
+        if !masked.is_empty() {
             let function = e.function;
-            for m in COMPAT_MASKED.iter().filter(|m| m.leaf == function) {
+            for m in masked.iter().filter(|m| m.leaf == function) {
                 if m.leaf != 7 || e.index == 0 {
                     *reg_mut(e, m.reg) &= !(1u32 << m.bit);
                 }
@@ -271,7 +284,7 @@ mod tests {
             entry(0xb, 1, 0),
             entry(4, 0, 0x63),
         ];
-        configure(&mut e, 3, 4, false);
+        configure(&mut e, 3, 4, &[]);
         assert_eq!(e[0].ebx >> 24, 3);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
         assert_ne!(e[0].ecx & (1 << 31), 0, "hypervisor bit");
@@ -285,7 +298,7 @@ mod tests {
     #[test]
     fn single_cpu_has_no_htt() {
         let mut e = vec![entry(1, 0, u32::MAX), entry(0xb, 1, 0)];
-        configure(&mut e, 0, 1, false);
+        configure(&mut e, 0, 1, &[]);
         assert_eq!(e[0].edx & (1 << 28), 0);
         assert_eq!(e[0].ebx >> 24, 0);
         assert_eq!(e[1].eax, 0);
@@ -300,8 +313,8 @@ mod tests {
             entry(0xd, 0, 7),
         ];
         let mut off = on.clone();
-        configure(&mut on, 0, 1, true);
-        configure(&mut off, 0, 1, false);
+        configure(&mut on, 0, 1, COMPAT_MASKED);
+        configure(&mut off, 0, 1, &[]);
         for m in COMPAT_MASKED {
             let i = if m.leaf == 1 { 0 } else { 1 };
             let get = |e: &mut kvm_cpuid_entry2| *reg_mut(e, m.reg) & (1 << m.bit);
@@ -311,5 +324,13 @@ mod tests {
         assert_eq!(on[2].ebx, u32::MAX, "leaf 7 subleaf 1 untouched");
         assert_eq!(on[3].eax, 0, "xsave leaf cleared");
         assert_eq!(off[3].eax, 7);
+    }
+
+    #[test]
+    fn keep_list_unmasks_by_name() {
+        let m = compat_mask("popcnt, cx16");
+        assert_eq!(m.len(), COMPAT_MASKED.len() - 2);
+        assert!(m.iter().all(|x| x.name != "popcnt" && x.name != "cx16"));
+        assert_eq!(compat_mask("").len(), COMPAT_MASKED.len());
     }
 }

@@ -139,8 +139,13 @@ impl KvmVm {
             .map_err(|e| BootError::Setup(format!("page tables: {e}")))?;
         mptable::write(&mem, spec.vcpus).map_err(|e| BootError::Setup(format!("MP table: {e}")))?;
 
+        let masked = if spec.compat {
+            cpuid::compat_mask(&std::env::var("LOCALD_VMM_COMPAT_KEEP").unwrap_or_default())
+        } else {
+            Vec::new()
+        };
         let vcpus = (0..spec.vcpus)
-            .map(|id| vcpu::create(&kvm, &vm, id, spec.vcpus, spec.compat, kernel.entry))
+            .map(|id| vcpu::create(&kvm, &vm, id, spec.vcpus, &masked, kernel.entry))
             .collect::<Result<Vec<_>, _>>()?;
         vcpu::install_kick_handler()?;
         Ok(KvmVm {

@@ -63,7 +63,7 @@ pub fn create(
     vm: &VmFd,
     id: u8,
     cpus: u8,
-    compat: bool,
+    masked: &[cpuid::Masked],
     entry: KernelEntry,
 ) -> Result<VcpuFd, Error> {
     let vcpu = vm
@@ -73,7 +73,7 @@ pub fn create(
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
     let mut entries = supported.as_slice().to_vec();
-    cpuid::configure(&mut entries, id, cpus, compat);
+    cpuid::configure(&mut entries, id, cpus, masked);
     let cpuid =
         CpuId::from_entries(&entries).map_err(|e| Error::Device(format!("cpuid: {e:?}")))?;
     vcpu.set_cpuid2(&cpuid)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: host setup, lint, the default guest (built and
+# cached on first use), then all three tiers:
+#   1. unit tests (no KVM)
+#   2. tiny freestanding guests on the real KVM API
+#   3. the real Linux default guest
+# Tests that need /dev/kvm skip only when it is absent, and say so loudly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-host.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace --release
+# Build the default guest kernel (~6 min on 2 cores, once per machine) and
+# initramfs before the tests, with visible progress.
+target/release/locald-vmm prepare
+cargo test --workspace -- --include-ignored "$@"
