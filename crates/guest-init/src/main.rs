@@ -1,1 +1,199 @@
-fn main(){}
+//! `locald-init`: PID 1 of the default locald-vmm guest.
+//!
+//! Single-threaded. Boot sequence: report "userspace reached" on the exit
+//! port, mount the pseudo filesystems, set the hostname, bring up `lo`, read
+//! the command spec from `/.locald/`, spawn the command (one `posix_spawn`,
+//! no shell) with the console as stdio, reap children until it exits, then
+//! report its exit code through port `0xf4`, which ends the VM. Without the
+//! port (not under locald-vmm) it falls back to `reboot(2)`.
+//!
+//! Never panics on purpose; every failure prints `locald-init: <what>: <err>`
+//! and reports exit code 125. A panic hook does the same as a last resort.
+//!
+//! `#![no_main]`: the C `main` below skips Rust's runtime setup (stdio
+//! polling, main-thread stack guard via `/proc/self/maps`, sigaltstack,
+//! `SIGPIPE` ignore) — about fifteen syscalls that each cost emulated kernel
+//! time and that PID 1 does not need.
+
+#![cfg_attr(not(test), no_main)]
+
+mod console;
+mod mounts;
+mod port;
+mod spawn;
+mod spec;
+
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use port::{ExitPort, Marker};
+use spawn::{Event, Resolved, Stdio};
+
+/// Exit code for init's own failures.
+const CODE_INIT_FAILURE: u8 = 125;
+/// Interactive fallback shell.
+const SHELL: &str = "/bin/sh";
+/// Serial console used as controlling terminal of the interactive shell.
+const CONSOLE_TTY: &std::ffi::CStr = c"/dev/ttyS0";
+
+/// How init ends the VM.
+enum Ending {
+    /// Report this exit code (power off).
+    Exit(u8),
+    /// Reboot (`reboot` from inside the guest).
+    Reboot,
+}
+
+/// C entry point (called by glibc's startup code).
+#[cfg(not(test))]
+#[no_mangle]
+extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+    init_main()
+}
+
+/// Body of PID 1; returns only when not running as PID 1.
+#[cfg_attr(test, allow(dead_code))]
+fn init_main() -> libc::c_int {
+    // Checked before touching any I/O port, so running the binary by mistake
+    // on a host (or in a test) is harmless.
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != 1 {
+        console::error("refusing to run", "not PID 1");
+        return CODE_INIT_FAILURE.into();
+    }
+    let port = ExitPort::open();
+    port.marker(Marker::UserspaceReached);
+    std::panic::set_hook(Box::new(move |info| {
+        console::error("panic", info);
+        power_off(port, CODE_INIT_FAILURE);
+    }));
+    match run(port) {
+        Ending::Exit(code) => power_off(port, code),
+        Ending::Reboot => reboot(),
+    }
+}
+
+/// Everything between boot and the command's exit.
+fn run(port: ExitPort) -> Ending {
+    mounts::mount_all();
+    mounts::set_hostname();
+    mounts::loopback_up();
+    if let Err(e) = spawn::block_signals() {
+        console::error("sigprocmask", e);
+        return Ending::Exit(CODE_INIT_FAILURE);
+    }
+    let spec = match spec::read(Path::new(spec::SPEC_DIR)) {
+        Ok(s) => s,
+        Err((what, e)) => {
+            console::error(what, e);
+            return Ending::Exit(CODE_INIT_FAILURE);
+        }
+    };
+    if let Some(dir) = &spec.workdir {
+        if let Err(e) = enter_workdir(dir) {
+            console::error(
+                format_args!("workdir '{}'", String::from_utf8_lossy(dir)),
+                e,
+            );
+            return Ending::Exit(CODE_INIT_FAILURE);
+        }
+    }
+
+    let interactive = spec.argv.is_empty();
+    let (argv, stdio) = if interactive {
+        let stdio = if Path::new(OsStr::from_bytes(CONSOLE_TTY.to_bytes())).exists() {
+            Stdio::ControllingTty(CONSOLE_TTY)
+        } else {
+            Stdio::Inherit
+        };
+        (vec![CString::from(c"sh")], stdio)
+    } else {
+        (spec.argv.clone(), Stdio::Inherit)
+    };
+    let name = if interactive {
+        SHELL.as_bytes()
+    } else {
+        argv[0].to_bytes()
+    };
+    let display = String::from_utf8_lossy(name);
+    let path_var = spec.env_var(b"PATH").unwrap_or_default();
+    let path = match spawn::resolve(name, path_var, spawn::probe_fs) {
+        Resolved::Path(p) => p,
+        Resolved::NotFound => return spawn_failed(port, &display, libc::ENOENT),
+        Resolved::NotExecutable => return spawn_failed(port, &display, libc::EACCES),
+    };
+
+    port.marker(Marker::CommandStarted);
+    let pid = match spawn::spawn(&path, &argv, &spec.envp(), stdio) {
+        Ok(pid) => pid,
+        Err(e) => return spawn_failed(port, &display, e.raw_os_error().unwrap_or(libc::EINVAL)),
+    };
+    match spawn::wait_for(pid) {
+        Event::Exited(code) => {
+            port.marker(Marker::CommandFinished);
+            Ending::Exit(code)
+        }
+        Event::PowerOff => Ending::Exit(0),
+        Event::Reboot => Ending::Reboot,
+    }
+}
+
+/// Prints the "cannot run" line and maps `errno` to 127/126.
+fn spawn_failed(port: ExitPort, name: &str, errno: i32) -> Ending {
+    console::error(
+        format_args!("cannot run '{name}'"),
+        std::io::Error::from_raw_os_error(errno),
+    );
+    port.marker(Marker::CommandFinished);
+    Ending::Exit(spawn::code_from_spawn_errno(errno))
+}
+
+/// `chdir` into the workdir, creating it first if missing (like docker -w).
+fn enter_workdir(dir: &[u8]) -> std::io::Result<()> {
+    let dir = Path::new(OsStr::from_bytes(dir));
+    match std::env::set_current_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            std::env::set_current_dir(dir)
+        }
+        other => other,
+    }
+}
+
+/// Flushes filesystems and ends the VM with `code`; never returns.
+fn power_off(port: ExitPort, code: u8) -> ! {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    port.exit(code);
+    // Still running: no locald-vmm exit device. Power off the classic way.
+    // SAFETY: reboot(2) with a valid command; returns only on failure.
+    let rc = unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    console::error(
+        "reboot(RB_POWER_OFF)",
+        if rc == 0 {
+            std::io::Error::other("returned")
+        } else {
+            std::io::Error::last_os_error()
+        },
+    );
+    hang()
+}
+
+/// Reboots (the VMM sees the reset); never returns.
+fn reboot() -> ! {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    // SAFETY: reboot(2) with a valid command; returns only on failure.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    console::error("reboot(RB_AUTOBOOT)", std::io::Error::last_os_error());
+    hang()
+}
+
+/// PID 1 must never exit (the kernel would panic): sleep forever.
+fn hang() -> ! {
+    loop {
+        // SAFETY: pause has no preconditions.
+        unsafe { libc::pause() };
+    }
+}
