@@ -1,0 +1,412 @@
+//! `locald-bench`: times locald-vmm against QEMU microvm on tiny guests.
+//!
+//! For each VMM and guest it runs the VMM as a child process N times
+//! (default 7, after one untimed warm-up) and reports medians of:
+//! - process start → first guest byte on the child's stdout (pipe),
+//! - process start → process exit,
+//! - CPU time (user + sys) and peak RSS, from `wait4`'s rusage,
+//! - the cost of one port-I/O exit: (port_loop − pvh_exit0) / 100,000.
+//!
+//! It is a measurement tool, not a test: it prints a table and fails only
+//! when a VMM cannot be run at all or a guest ends with the wrong status.
+//! Usage: `locald-bench [--runs N] [--vmm PATH] [--qemu PATH | --no-qemu]`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// OUTs that `port_loop` performs.
+const PORT_LOOP_EXITS: f64 = 100_000.0;
+/// A single run taking longer than this is killed and reported.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+/// Which VMM runs a guest.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Ours,
+    Qemu,
+}
+
+/// Settings from the command line.
+struct Options {
+    runs: usize,
+    vmm: PathBuf,
+    qemu: Option<PathBuf>,
+}
+
+/// What one run measured.
+struct Sample {
+    first_byte: Option<Duration>,
+    exit: Duration,
+    cpu: Duration,
+    max_rss_kib: u64,
+}
+
+/// Picks one table cell out of the summaries of (pvh_hello, pvh_exit0,
+/// port_loop).
+type Getter = fn(&[Summary; 3]) -> Option<f64>;
+
+/// Medians over the runs of one VMM on one guest.
+struct Summary {
+    first_byte_ms: Option<f64>,
+    exit_ms: f64,
+    cpu_ms: f64,
+    rss_mib: f64,
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("locald-bench: {e}");
+            eprintln!("usage: locald-bench [--runs N] [--vmm PATH] [--qemu PATH | --no-qemu]");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("locald-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut runs = 7;
+    let mut vmm = None;
+    let mut qemu = Some(PathBuf::from("qemu-system-x86_64"));
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |flag: &str| args.next().ok_or(format!("{flag} needs a value"));
+        match a.as_str() {
+            "--runs" => {
+                let v = value("--runs")?;
+                runs = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(format!("--runs: not a positive number: {v}"))?;
+            }
+            "--vmm" => vmm = Some(PathBuf::from(value("--vmm")?)),
+            "--qemu" => qemu = Some(PathBuf::from(value("--qemu")?)),
+            "--no-qemu" => qemu = None,
+            "-h" | "--help" => {
+                println!("usage: locald-bench [--runs N] [--vmm PATH] [--qemu PATH | --no-qemu]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    let vmm = match vmm {
+        Some(v) => v,
+        None => default_vmm()?,
+    };
+    Ok(Options { runs, vmm, qemu })
+}
+
+/// The `locald-vmm` binary next to this one (same cargo profile), else in
+/// `target/release` of the workspace.
+fn default_vmm() -> Result<PathBuf, String> {
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("locald-vmm"));
+        }
+    }
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(Path::new(&dir).join("release/locald-vmm"));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/locald-vmm"));
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+            "no locald-vmm binary found (looked at {}); run `cargo build --release` or pass --vmm",
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+        })
+}
+
+fn run(opts: &Options) -> Result<(), String> {
+    let hello = test_guests::path("pvh_hello");
+    let exit0 = test_guests::path("pvh_exit0");
+    let ports = test_guests::path("port_loop");
+    let mut vmms = vec![Vmm::Ours];
+    if opts.qemu.is_some() {
+        vmms.push(Vmm::Qemu);
+    }
+
+    println!(
+        "locald-bench: {} runs each (medians); ours = {}",
+        opts.runs,
+        opts.vmm.display()
+    );
+    let mut table: Vec<(Vmm, [Summary; 3])> = Vec::new();
+    for &vmm in &vmms {
+        let one = |guest: &Path| -> Result<Summary, String> {
+            let name = guest.file_name().unwrap_or_default().to_string_lossy();
+            eprint!("  {} {name} ...", label(vmm));
+            let s = measure(opts, vmm, guest)?;
+            eprintln!(" exit {:.1} ms", s.exit_ms);
+            Ok(s)
+        };
+        let h = one(&hello)?;
+        let e = one(&exit0)?;
+        let p = one(&ports)?;
+        table.push((vmm, [h, e, p]));
+    }
+
+    let cell = |v: Option<f64>, prec: usize| match v {
+        Some(v) => format!("{v:.prec$}"),
+        None => "-".to_string(),
+    };
+    let rows: Vec<(&str, usize, Getter)> = vec![
+        ("pvh_hello: start -> first byte (ms)", 1, |s| {
+            s[0].first_byte_ms
+        }),
+        ("pvh_hello: start -> exit (ms)", 1, |s| Some(s[0].exit_ms)),
+        ("pvh_exit0: start -> exit (ms)", 1, |s| Some(s[1].exit_ms)),
+        ("port_loop: start -> exit (ms)", 1, |s| Some(s[2].exit_ms)),
+        ("pvh_hello: CPU user+sys (ms)", 1, |s| Some(s[0].cpu_ms)),
+        ("pvh_hello: peak RSS (MiB)", 1, |s| Some(s[0].rss_mib)),
+        ("port I/O exit cost (us/exit)", 2, |s| {
+            Some((s[2].exit_ms - s[1].exit_ms) * 1000.0 / PORT_LOOP_EXITS)
+        }),
+    ];
+
+    println!();
+    println!(
+        "{:<38} {:>12} {:>12} {:>10}",
+        "metric (median)", "locald-vmm", "qemu", "ours/qemu"
+    );
+    println!("{}", "-".repeat(75));
+    for (name, prec, get) in &rows {
+        let ours = table
+            .iter()
+            .find(|(v, _)| *v == Vmm::Ours)
+            .and_then(|(_, s)| get(s));
+        let qemu = table
+            .iter()
+            .find(|(v, _)| *v == Vmm::Qemu)
+            .and_then(|(_, s)| get(s));
+        let ratio = match (ours, qemu) {
+            (Some(o), Some(q)) if q > 0.0 => Some(o / q),
+            _ => None,
+        };
+        println!(
+            "{:<38} {:>12} {:>12} {:>10}",
+            name,
+            cell(ours, *prec),
+            cell(qemu, *prec),
+            cell(ratio, 2)
+        );
+    }
+    Ok(())
+}
+
+fn label(vmm: Vmm) -> &'static str {
+    match vmm {
+        Vmm::Ours => "locald-vmm",
+        Vmm::Qemu => "qemu",
+    }
+}
+
+/// One warm-up run, then `opts.runs` measured runs; returns the medians.
+fn measure(opts: &Options, vmm: Vmm, guest: &Path) -> Result<Summary, String> {
+    let mut samples = Vec::with_capacity(opts.runs);
+    for i in 0..=opts.runs {
+        let s = run_once(opts, vmm, guest)?;
+        if i > 0 {
+            samples.push(s);
+        }
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let first: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s.first_byte.map(ms))
+        .collect();
+    Ok(Summary {
+        first_byte_ms: (first.len() == samples.len()).then(|| median(first)),
+        exit_ms: median(samples.iter().map(|s| ms(s.exit)).collect()),
+        cpu_ms: median(samples.iter().map(|s| ms(s.cpu)).collect()),
+        rss_mib: median(
+            samples
+                .iter()
+                .map(|s| s.max_rss_kib as f64 / 1024.0)
+                .collect(),
+        ),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn command(opts: &Options, vmm: Vmm, guest: &Path) -> Command {
+    match vmm {
+        Vmm::Ours => {
+            let mut c = Command::new(&opts.vmm);
+            c.arg("run")
+                .arg("--kernel")
+                .arg(guest)
+                .args(["--memory", "64M"]);
+            c
+        }
+        Vmm::Qemu => {
+            let mut c = Command::new(opts.qemu.as_deref().unwrap_or(Path::new("qemu")));
+            c.args([
+                "-M",
+                "microvm",
+                "-enable-kvm",
+                "-cpu",
+                "host,-arch-capabilities",
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-m",
+                "64",
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=4",
+                "-kernel",
+            ])
+            .arg(guest);
+            c
+        }
+    }
+}
+
+/// Runs the VMM once; the guest must end with status 0 (QEMU's
+/// isa-debug-exit turns that into process status 1).
+fn run_once(opts: &Options, vmm: Vmm, guest: &Path) -> Result<Sample, String> {
+    let mut cmd = command(opts, vmm, guest);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", cmd.get_program().to_string_lossy()))?;
+    let pid = child.id() as libc::pid_t;
+
+    let (tx, rx) = mpsc::channel();
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let reader = thread::spawn(move || {
+        let mut first = None;
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if first.is_none() {
+                        first = Some(start.elapsed());
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        let _ = tx.send(());
+        (first, all)
+    });
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let err_reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+
+    let (status, rusage, exit) = wait_with_limit(&mut child, pid, start)?;
+    let _ = rx.recv_timeout(Duration::from_secs(5));
+    let (first_byte, output) = reader.join().map_err(|_| "stdout reader panicked")?;
+    let errors = err_reader.join().unwrap_or_default();
+
+    let expected = match vmm {
+        Vmm::Ours => 0,
+        Vmm::Qemu => 1,
+    };
+    let code = if libc::WIFEXITED(status) {
+        Some(libc::WEXITSTATUS(status))
+    } else {
+        None
+    };
+    if code != Some(expected) {
+        return Err(format!(
+            "{} on {}: expected exit status {expected}, got {}\nstdout: {}\nstderr: {}",
+            label(vmm),
+            guest.display(),
+            describe_status(status),
+            String::from_utf8_lossy(&output).trim_end(),
+            errors.trim_end()
+        ));
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    Ok(Sample {
+        first_byte,
+        exit,
+        cpu: tv(rusage.ru_utime) + tv(rusage.ru_stime),
+        max_rss_kib: rusage.ru_maxrss as u64,
+    })
+}
+
+/// Waits for the child with `wait4` (for its rusage), killing it after
+/// [`RUN_LIMIT`]. Returns the raw status, the rusage and the elapsed time.
+fn wait_with_limit(
+    child: &mut Child,
+    pid: libc::pid_t,
+    start: Instant,
+) -> Result<(libc::c_int, libc::rusage, Duration), String> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: all-zero is a valid `rusage` (plain integers and timevals).
+        let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `pid` is our own unreaped child; `status` and `rusage`
+        // are valid, writable locals for the duration of the call.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut rusage) };
+        let now = start.elapsed();
+        if r == pid {
+            return Ok((status, rusage, now));
+        }
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("wait4: {e}"));
+        }
+        if now > RUN_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("a run took more than {RUN_LIMIT:?}; killed"));
+        }
+        // Poll finely: the exit time is what is being measured.
+        thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn describe_status(status: libc::c_int) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exit code {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("raw status {status:#x}")
+    }
+}

@@ -1,0 +1,348 @@
+//! CLI tests of `locald-vmm run`: bad input must end with exit code 125
+//! and exactly one clear error line on stderr (naming the file or flag),
+//! never a panic; good input boots the tiny guests of `guests/` and the
+//! process exit code is the guest's exit-port status.
+//!
+//! Tests that start a VM need `/dev/kvm` and skip (loudly) only without it.
+
+#[allow(dead_code)] // only build_all/spec are used
+#[path = "../../test-guests/src/builder.rs"]
+mod builder;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Exit code for a VMM-side failure.
+const VMM_ERROR: i32 = 125;
+
+fn guest(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-guests");
+        builder::build_all(&guests, &out).unwrap_or_else(|e| panic!("building test guests: {e}"));
+        out
+    });
+    assert!(builder::spec(name).is_some(), "unknown guest {name}");
+    dir.join(name)
+}
+
+fn kvm_present() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        eprintln!("SKIPPED: /dev/kvm not present");
+        false
+    }
+}
+
+macro_rules! require_kvm {
+    () => {
+        if !kvm_present() {
+            return;
+        }
+    };
+}
+
+/// A scratch file under the cargo target dir, unique to this test.
+fn scratch(name: &str, contents: &[u8]) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-inputs");
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("scratch file");
+    path
+}
+
+struct CliOutcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `locald-vmm` with `args`, stdin closed, killing it after 60 s.
+fn cli(args: &[&str]) -> CliOutcome {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_locald-vmm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning locald-vmm");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("locald-vmm {args:?} did not finish in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    CliOutcome {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned(),
+    }
+}
+
+/// Bad input: exit 125, one stderr line mentioning `mention`, no panic.
+fn assert_clean_error(args: &[&str], mention: &str) {
+    let o = cli(args);
+    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        !o.stderr.contains("panicked"),
+        "locald-vmm {args:?} panicked:\n{}",
+        o.stderr
+    );
+    assert_eq!(
+        o.code,
+        Some(VMM_ERROR),
+        "locald-vmm {args:?}: exit code; stderr:\n{}",
+        o.stderr
+    );
+    assert_eq!(
+        lines.len(),
+        1,
+        "locald-vmm {args:?}: want exactly one error line, got:\n{}",
+        o.stderr
+    );
+    assert!(
+        lines[0].contains(mention),
+        "locald-vmm {args:?}: error line should mention {mention:?}: {:?}",
+        lines[0]
+    );
+    // The cause is said once (not repeated by an error chain).
+    if let Some(i) = lines[0].find("(os error") {
+        let cause = &lines[0][i..];
+        let cause = &cause[..=cause.find(')').unwrap_or(cause.len() - 1)];
+        assert_eq!(
+            lines[0].matches(cause).count(),
+            1,
+            "locald-vmm {args:?}: the cause is repeated: {:?}",
+            lines[0]
+        );
+    }
+}
+
+#[test]
+fn missing_kernel_file() {
+    let path = "/nonexistent/locald-test/vmlinux";
+    assert_clean_error(&["run", "--kernel", path, "--memory", "64M"], path);
+}
+
+#[test]
+fn kernel_is_a_directory() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let d = dir.to_str().expect("utf-8 path");
+    assert_clean_error(&["run", "--kernel", d, "--memory", "64M"], d);
+}
+
+#[test]
+fn empty_kernel_file() {
+    require_kvm!();
+    let p = scratch("empty-kernel", b"");
+    let s = p.to_str().expect("utf-8 path");
+    assert_clean_error(&["run", "--kernel", s, "--memory", "64M"], s);
+}
+
+#[test]
+fn random_bytes_kernel() {
+    require_kvm!();
+    // Deterministic pseudo-random bytes (xorshift), 64 KiB.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let p = scratch("random-kernel", &bytes);
+    let s = p.to_str().expect("utf-8 path");
+    assert_clean_error(&["run", "--kernel", s, "--memory", "64M"], s);
+}
+
+#[test]
+fn truncated_elf_kernel() {
+    require_kvm!();
+    let full = std::fs::read(guest("pvh_hello")).expect("pvh_hello");
+    // The ELF header and part of the first program header.
+    let p = scratch("truncated-elf", &full[..100]);
+    let s = p.to_str().expect("utf-8 path");
+    assert_clean_error(&["run", "--kernel", s, "--memory", "64M"], s);
+}
+
+#[test]
+fn truncated_elf_segments_kernel() {
+    require_kvm!();
+    let full = std::fs::read(guest("pvh_hello")).expect("pvh_hello");
+    // Headers intact, the loadable segment (at file offset 0x1000) cut.
+    let p = scratch("truncated-elf-segments", &full[..0x1010]);
+    let s = p.to_str().expect("utf-8 path");
+    assert_clean_error(&["run", "--kernel", s, "--memory", "64M"], s);
+}
+
+#[test]
+fn memory_zero() {
+    let k = guest("pvh_exit0");
+    let k = k.to_str().expect("utf-8 path");
+    assert_clean_error(&["run", "--kernel", k, "--memory", "0"], "--memory");
+}
+
+#[test]
+fn memory_100t() {
+    let k = guest("pvh_exit0");
+    let k = k.to_str().expect("utf-8 path");
+    assert_clean_error(&["run", "--kernel", k, "--memory", "100T"], "--memory");
+}
+
+#[test]
+fn memory_garbage() {
+    let k = guest("pvh_exit0");
+    let k = k.to_str().expect("utf-8 path");
+    assert_clean_error(&["run", "--kernel", k, "--memory", "lots"], "lots");
+}
+
+#[test]
+fn cpus_zero() {
+    let k = guest("pvh_exit0");
+    let k = k.to_str().expect("utf-8 path");
+    assert_clean_error(
+        &["run", "--kernel", k, "--memory", "64M", "--cpus", "0"],
+        "--cpus",
+    );
+}
+
+#[test]
+fn cpus_1000() {
+    let k = guest("pvh_exit0");
+    let k = k.to_str().expect("utf-8 path");
+    assert_clean_error(
+        &["run", "--kernel", k, "--memory", "64M", "--cpus", "1000"],
+        "--cpus",
+    );
+}
+
+#[test]
+fn missing_initrd_file() {
+    let k = guest("pvh_exit0");
+    let k = k.to_str().expect("utf-8 path");
+    let initrd = "/nonexistent/locald-test/initrd.cpio";
+    assert_clean_error(
+        &["run", "--kernel", k, "--initrd", initrd, "--memory", "64M"],
+        initrd,
+    );
+}
+
+#[test]
+fn runs_pvh_guest_and_passes_cmdline() {
+    require_kvm!();
+    let k = guest("pvh_hello");
+    let o = cli(&[
+        "run",
+        "--kernel",
+        k.to_str().expect("utf-8 path"),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "cli.test=1",
+    ]);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    let out = o.stdout.replace('\r', "");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"pvh ok"), "stdout:\n{out}");
+    assert!(
+        lines[1].starts_with("cmdline: ") && lines[1].ends_with("cli.test=1"),
+        "stdout:\n{out}"
+    );
+}
+
+#[test]
+fn exit_code_is_the_guest_status() {
+    require_kvm!();
+    let k = guest("smp");
+    let o = cli(&[
+        "run",
+        "--kernel",
+        k.to_str().expect("utf-8 path"),
+        "--memory",
+        "64M",
+        "--cpus",
+        "2",
+    ]);
+    assert_eq!(
+        o.code,
+        Some(2),
+        "stdout:\n{}\nstderr:\n{}",
+        o.stdout,
+        o.stderr
+    );
+    assert!(o.stdout.contains("aps started: 1"), "stdout:\n{}", o.stdout);
+}
+
+#[test]
+fn triple_fault_exits_125_with_a_message() {
+    require_kvm!();
+    let k = guest("triple_fault_ud2");
+    let o = cli(&[
+        "run",
+        "--kernel",
+        k.to_str().expect("utf-8 path"),
+        "--memory",
+        "64M",
+    ]);
+    assert_eq!(o.code, Some(VMM_ERROR), "stderr:\n{}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "stderr:\n{}", o.stderr);
+    assert!(
+        o.stderr.to_lowercase().contains("triple fault"),
+        "stderr should say what happened:\n{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn i8042_reset_exits_0() {
+    require_kvm!();
+    let k = guest("i8042_reset");
+    let o = cli(&[
+        "run",
+        "--kernel",
+        k.to_str().expect("utf-8 path"),
+        "--memory",
+        "64M",
+    ]);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    assert_eq!(o.stdout.replace('\r', ""), "resetting\n");
+}
+
+#[test]
+fn bzimage_via_cli() {
+    require_kvm!();
+    let k = guest("bzimage");
+    let o = cli(&[
+        "run",
+        "--kernel",
+        k.to_str().expect("utf-8 path"),
+        "--memory",
+        "64M",
+    ]);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    assert!(o.stdout.starts_with("bzimage ok"), "stdout:\n{}", o.stdout);
+}
