@@ -32,7 +32,7 @@ enum Command {
     /// initramfs with busybox, built and cached on first use) is used.
     /// The exit status is the command's; 125 means the VMM failed, 126/127
     /// that the command could not be executed / was not found.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Build (or find in the cache) the default guest kernel and initramfs,
     /// and print where they are. `run` does this on first use anyway.
     Prepare,
@@ -170,8 +170,12 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
             start.elapsed().as_secs_f64()
         );
     }
-    if let locald_vmm::ExitStatus::TimedOut = status {
-        eprintln!("locald-vmm: error: the VM timed out");
+    use locald_vmm::ExitStatus;
+    match status {
+        ExitStatus::TimedOut => eprintln!("locald-vmm: error: the VM timed out"),
+        ExitStatus::TripleFault => eprintln!("locald-vmm: error: the guest triple faulted"),
+        ExitStatus::Panic => eprintln!("locald-vmm: error: the guest kernel panicked"),
+        _ => {}
     }
     Ok(status.code().clamp(0, 255) as u8)
 }
@@ -205,7 +209,7 @@ fn main() -> ExitCode {
         }
     };
     let args = match cli.command {
-        Command::Run(args) => args,
+        Command::Run(args) => *args,
         Command::Prepare => {
             return match prepare() {
                 Ok(()) => ExitCode::SUCCESS,

@@ -19,11 +19,7 @@ pub enum ConfigError {
     #[error("the command to run is empty")]
     EmptyCommand,
     #[error("cannot read {}: {err}", .path.display())]
-    File {
-        path: PathBuf,
-        #[source]
-        err: std::io::Error,
-    },
+    File { path: PathBuf, err: std::io::Error },
     #[error("{} is not a regular file", .0.display())]
     NotAFile(PathBuf),
 }
@@ -32,11 +28,7 @@ pub enum ConfigError {
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot read kernel {}: {err}", .path.display())]
-    KernelRead {
-        path: PathBuf,
-        #[source]
-        err: std::io::Error,
-    },
+    KernelRead { path: PathBuf, err: std::io::Error },
     #[error("kernel {} is empty", .0.display())]
     KernelEmpty(PathBuf),
     #[error("kernel {} is neither an x86-64 ELF vmlinux nor a bzImage ({})", .0.display(), .1)]
@@ -51,6 +43,9 @@ pub enum BootError {
     Setup(String),
 }
 
+// Causes are part of each message (not `#[source]`), so printing an error
+// with its chain never repeats them.
+
 /// Errors of the whole library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -61,12 +56,11 @@ pub enum Error {
     #[error(transparent)]
     Asset(#[from] crate::assets::AssetError),
     #[error("cannot open /dev/kvm: {0} (is KVM enabled and do you have permission on /dev/kvm?)")]
-    KvmOpen(#[source] std::io::Error),
-    #[error("KVM: {what} failed: {source}")]
+    KvmOpen(std::io::Error),
+    #[error("KVM: {what} failed: {err}")]
     Kvm {
         what: &'static str,
-        #[source]
-        source: vmm_sys_util::errno::Error,
+        err: vmm_sys_util::errno::Error,
     },
     #[error("--cpus {0} exceeds what this host's KVM allows ({1})")]
     TooManyVcpus(u8, usize),
@@ -83,6 +77,6 @@ pub enum Error {
 impl Error {
     /// Wraps a KVM ioctl failure with what we were doing.
     pub(crate) fn kvm(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error {
-        move |source| Error::Kvm { what, source }
+        move |err| Error::Kvm { what, err }
     }
 }

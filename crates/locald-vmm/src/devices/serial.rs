@@ -198,7 +198,7 @@ mod tests {
         }
         assert_eq!(out.contents(), b"hi\n");
         // Wide accesses are ignored, not misread.
-        dev.write(0, &[b'x', b'y']);
+        dev.write(0, b"xy");
         assert_eq!(out.contents(), b"hi\n");
     }
 
@@ -238,7 +238,7 @@ mod tests {
     fn interrupt_fires_when_enabled() {
         let (mut dev, _, irq) = device(SharedBuffer::default());
         dev.write(1, &[0x02]); // IER: THR empty interrupt
-        dev.write(0, &[b'x']);
+        dev.write(0, b"x");
         assert!(irq.read().unwrap() >= 1);
     }
 

@@ -117,9 +117,10 @@ fn load_error(path: &Path, e: linux_loader::loader::Error) -> BootError {
         L::MemoryOverflow | L::InvalidKernelStartAddress => {
             BootError::KernelLoad(path.into(), e.to_string())
         }
-        L::Elf(linux_loader::loader::elf::Error::ReadKernelImage) => {
-            BootError::KernelLoad(path.into(), e.to_string())
-        }
+        L::Elf(linux_loader::loader::elf::Error::ReadKernelImage) => BootError::KernelFormat(
+            path.into(),
+            "the ELF file is truncated: a segment extends past its end".into(),
+        ),
         _ => BootError::KernelFormat(path.into(), e.to_string()),
     }
 }

@@ -206,6 +206,6 @@ mod tests {
         for w in spans.windows(2) {
             assert!(w[0].0 + w[0].1 <= w[1].0, "{:x?}", w);
         }
-        assert!(BOOT_STACK < PML4 && BOOT_STACK > ZERO_PAGE + 0x1000);
+        const { assert!(BOOT_STACK < PML4 && BOOT_STACK > ZERO_PAGE + 0x1000) };
     }
 }
