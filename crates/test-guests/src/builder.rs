@@ -79,6 +79,16 @@ pub const GUESTS: &[GuestSpec] = &[
         about: "PVH: prints the hypervisor bit, APIC id and hypervisor signature",
     },
     GuestSpec {
+        name: "emulate",
+        script: "pvh.ld",
+        about: "PVH: stac, clac, popcnt, fwait, int3 with their results checked; exits 0",
+    },
+    GuestSpec {
+        name: "unhandled",
+        script: "pvh.ld",
+        about: "PVH: rdrand, which software KVM cannot emulate (error names it); exits 0 elsewhere",
+    },
+    GuestSpec {
         name: "spin",
         script: "pvh.ld",
         about: "PVH: prints spinning and loops forever",
