@@ -81,8 +81,8 @@ fn default_guest_runs_commands() {
         .and_then(|n| n.parse().ok())
         .expect("MemTotal line");
     assert!(
-        (200 * 1024..=256 * 1024).contains(&mem_kib),
-        "MemTotal {mem_kib} KiB should be a little under 256 MiB"
+        (120 * 1024..=160 * 1024).contains(&mem_kib),
+        "MemTotal {mem_kib} KiB should be a little under 160 MiB"
     );
     assert!(stdout.contains("pid1=init"), "our init is PID 1");
     assert!(
