@@ -118,7 +118,7 @@ fn run(port: ExitPort) -> Ending {
     };
     let display = String::from_utf8_lossy(name);
     let path_var = spec.env_var(b"PATH").unwrap_or_default();
-    let path = match spawn::resolve(name, path_var, spawn::probe_fs) {
+    let path = match spawn::resolve_or_applet(name, path_var, spawn::probe_fs) {
         Resolved::Path(p) => p,
         Resolved::NotFound => return spawn_failed(port, &display, libc::ENOENT),
         Resolved::NotExecutable => return spawn_failed(port, &display, libc::EACCES),

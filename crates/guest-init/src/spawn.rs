@@ -48,7 +48,7 @@ pub enum Resolved {
 /// otherwise each PATH entry is tried in order (an empty entry means the
 /// current directory). The first executable regular file wins; if only
 /// non-executable candidates exist the result is [`Resolved::NotExecutable`].
-pub fn resolve(name: &[u8], path_var: &[u8], probe: impl Fn(&Path) -> Probe) -> Resolved {
+pub fn resolve(name: &[u8], path_var: &[u8], probe: &impl Fn(&Path) -> Probe) -> Resolved {
     if name.is_empty() {
         return Resolved::NotFound;
     }
@@ -69,6 +69,33 @@ pub fn resolve(name: &[u8], path_var: &[u8], probe: impl Fn(&Path) -> Probe) -> 
         Resolved::NotExecutable
     } else {
         Resolved::NotFound
+    }
+}
+
+/// Busybox applets not linked into PATH: `/.locald/applets` lists them,
+/// one per line, and `/bin/busybox` runs the one named by `argv[0]`.
+pub const APPLET_LIST: &str = "/.locald/applets";
+/// The multi-call binary behind the applets.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// True if `name` is a line of the applet list `list`.
+pub fn is_applet(list: &[u8], name: &[u8]) -> bool {
+    !name.is_empty() && !name.contains(&b'/') && list.split(|&b| b == b'\n').any(|l| l == name)
+}
+
+/// [`resolve`], falling back to busybox for listed applets that are not on
+/// PATH (the caller keeps `argv[0]`, which busybox dispatches on).
+pub fn resolve_or_applet(name: &[u8], path_var: &[u8], probe: impl Fn(&Path) -> Probe) -> Resolved {
+    match resolve(name, path_var, &probe) {
+        Resolved::NotFound => match std::fs::read(APPLET_LIST) {
+            Ok(list)
+                if is_applet(&list, name) && probe(Path::new(BUSYBOX)) == Probe::Executable =>
+            {
+                Resolved::Path(PathBuf::from(BUSYBOX))
+            }
+            _ => Resolved::NotFound,
+        },
+        other => other,
     }
 }
 
@@ -309,7 +336,7 @@ mod tests {
             ("/bin/ls", Probe::Executable),
         ]);
         assert_eq!(
-            resolve(b"ls", PATH, probe),
+            resolve(b"ls", PATH, &probe),
             Resolved::Path("/usr/bin/ls".into())
         );
     }
@@ -321,23 +348,23 @@ mod tests {
             ("/bin/ls", Probe::Executable),
         ]);
         assert_eq!(
-            resolve(b"ls", PATH, probe),
+            resolve(b"ls", PATH, &probe),
             Resolved::Path("/bin/ls".into())
         );
         let probe = fake(&[("/usr/bin/ls", Probe::NotExecutable)]);
-        assert_eq!(resolve(b"ls", PATH, probe), Resolved::NotExecutable);
+        assert_eq!(resolve(b"ls", PATH, &probe), Resolved::NotExecutable);
     }
 
     #[test]
     fn resolve_not_found_and_slash() {
-        assert_eq!(resolve(b"nope", PATH, fake(&[])), Resolved::NotFound);
-        assert_eq!(resolve(b"", PATH, fake(&[])), Resolved::NotFound);
+        assert_eq!(resolve(b"nope", PATH, &fake(&[])), Resolved::NotFound);
+        assert_eq!(resolve(b"", PATH, &fake(&[])), Resolved::NotFound);
         assert_eq!(
-            resolve(b"./x", PATH, fake(&[])),
+            resolve(b"./x", PATH, &fake(&[])),
             Resolved::Path("./x".into())
         );
         assert_eq!(
-            resolve(b"/no/such", PATH, fake(&[])),
+            resolve(b"/no/such", PATH, &fake(&[])),
             Resolved::Path("/no/such".into())
         );
     }
@@ -346,7 +373,7 @@ mod tests {
     fn resolve_empty_path_entry_is_cwd() {
         let probe = fake(&[("./tool", Probe::Executable)]);
         assert_eq!(
-            resolve(b"tool", b"/bin::/usr/bin", probe),
+            resolve(b"tool", b"/bin::/usr/bin", &probe),
             Resolved::Path("./tool".into())
         );
     }
@@ -451,5 +478,16 @@ mod tests {
         );
         assert_ne!(stat[6], "0", "has a controlling tty: {out}");
         assert_eq!(lines.next().map(str::trim), Some("TTY"), "{out}");
+    }
+
+    #[test]
+    fn applet_list_lookup() {
+        let list = b"cat\nls\nnproc\n";
+        assert!(is_applet(list, b"nproc"));
+        assert!(is_applet(list, b"cat"));
+        assert!(!is_applet(list, b"nprocx"));
+        assert!(!is_applet(list, b"proc"));
+        assert!(!is_applet(list, b""));
+        assert!(!is_applet(list, b"bin/ls"));
     }
 }

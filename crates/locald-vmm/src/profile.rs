@@ -4,6 +4,18 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
+
+/// One guest RIP sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// Time since the VM was created.
+    pub at: Duration,
+    /// vCPU index.
+    pub cpu: u8,
+    /// Guest RIP.
+    pub rip: u64,
+}
 
 /// Sorted `(address, name)` pairs from a `System.map`.
 pub fn parse_system_map(text: &str) -> Vec<(u64, String)> {
@@ -27,30 +39,51 @@ pub fn symbolize(syms: &[(u64, String)], rip: u64) -> Option<&str> {
     i.checked_sub(1).map(|i| syms[i].1.as_str())
 }
 
+fn name_of(syms: &[(u64, String)], rip: u64) -> String {
+    if rip < 0xffff_8000_0000_0000 && !syms.is_empty() {
+        "[guest user mode or low address]".to_string()
+    } else {
+        symbolize(syms, rip).map_or_else(|| format!("{rip:#x}"), str::to_string)
+    }
+}
+
 /// Aggregates samples by symbol (or `user`/hex address without a match),
 /// most frequent first.
-pub fn histogram(samples: &HashMap<u64, u64>, syms: &[(u64, String)]) -> Vec<(String, u64)> {
+pub fn histogram(samples: &[Sample], syms: &[(u64, String)]) -> Vec<(String, u64)> {
     let mut by: HashMap<String, u64> = HashMap::new();
-    for (&rip, &n) in samples {
-        let key = if rip < 0xffff_8000_0000_0000 && !syms.is_empty() {
-            "[guest user mode or low address]".to_string()
-        } else {
-            symbolize(syms, rip).map_or_else(|| format!("{rip:#x}"), str::to_string)
-        };
-        *by.entry(key).or_default() += n;
+    for s in samples {
+        *by.entry(name_of(syms, s.rip)).or_default() += 1;
     }
     let mut v: Vec<_> = by.into_iter().collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     v
 }
 
-/// Prints the top of the histogram to stderr.
-pub fn report(samples: &HashMap<u64, u64>, system_map: Option<&Path>) {
+/// Prints the top of the histogram to stderr and, when the environment
+/// variable `LOCALD_VMM_PROFILE_TIMELINE` names a file, writes every sample
+/// there as `seconds cpu symbol` lines (to see where a stall sits in time).
+pub fn report(samples: &[Sample], system_map: Option<&Path>) {
     let syms = system_map
         .and_then(|p| std::fs::read_to_string(p).ok())
         .map(|t| parse_system_map(&t))
         .unwrap_or_default();
-    let total: u64 = samples.values().sum();
+    if let Ok(path) = std::env::var("LOCALD_VMM_PROFILE_TIMELINE") {
+        let text: String = samples
+            .iter()
+            .map(|s| {
+                format!(
+                    "{:.3} {} {}\n",
+                    s.at.as_secs_f64(),
+                    s.cpu,
+                    name_of(&syms, s.rip)
+                )
+            })
+            .collect();
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("cannot write profile timeline {path}: {e}");
+        }
+    }
+    let total = samples.len() as u64;
     eprintln!("guest RIP profile: {total} samples");
     for (name, n) in histogram(samples, &syms).into_iter().take(40) {
         eprintln!(
@@ -75,11 +108,20 @@ mod tests {
         assert_eq!(symbolize(&syms, 0xffffffff81000250), Some("foo"));
         assert_eq!(symbolize(&syms, 0xffffffff81000300), Some("bar"));
         assert_eq!(symbolize(&syms, 0x1000), None);
-        let samples = HashMap::from([
-            (0xffffffff81000101, 3),
-            (0xffffffff81000102, 2),
-            (0x401000, 4),
-        ]);
+        let at = |rip, n| {
+            std::iter::repeat_n(
+                Sample {
+                    at: Duration::ZERO,
+                    cpu: 0,
+                    rip,
+                },
+                n,
+            )
+        };
+        let samples: Vec<Sample> = at(0xffffffff81000101, 3)
+            .chain(at(0xffffffff81000102, 2))
+            .chain(at(0x401000, 4))
+            .collect();
         let h = histogram(&samples, &syms);
         assert_eq!(h[0], ("foo".to_string(), 5));
         assert_eq!(h[1].1, 4);

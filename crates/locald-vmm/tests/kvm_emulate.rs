@@ -47,12 +47,12 @@ fn each_completed_instruction_has_its_architectural_effect() {
     let (status, out, counts, compat) = run("emulate", CpuCompat::Auto);
     let status = status.expect("run VM");
     assert_eq!(
-        out, "stac ok\nclac ok\npopcnt 17\npopcnt flags ok\nfwait ok\nint3 ok\n",
+        out, "stac ok\nclac ok\npopcnt 17\npopcnt flags ok\nrdrand ok\nfwait ok\nint3 ok\n",
         "guest output"
     );
     assert_eq!(status, ExitStatus::Exited(0));
     if compat {
-        for kind in ["stac", "clac", "popcnt", "fwait", "int3"] {
+        for kind in ["stac", "clac", "popcnt", "rdrand", "fwait", "int3"] {
             assert!(
                 counts.get(kind).copied().unwrap_or(0) >= 1,
                 "{kind} should have been completed by the VMM: {counts:?}"
@@ -83,7 +83,7 @@ fn completion_does_not_depend_on_the_cpuid_compat_switch() {
 fn unhandled_instruction_names_itself() {
     require_kvm!();
     let (result, out, _, _) = run("unhandled", CpuCompat::Auto);
-    assert_eq!(out, "rdrand next\n");
+    assert_eq!(out, "rdseed next\n");
     if locald_vmm::kvm::host::software_kvm_reason().is_none() {
         assert_eq!(result.expect("run"), ExitStatus::Exited(0));
         return;

@@ -86,7 +86,7 @@ pub const GUESTS: &[GuestSpec] = &[
     GuestSpec {
         name: "unhandled",
         script: "pvh.ld",
-        about: "PVH: rdrand, which software KVM cannot emulate (error names it); exits 0 elsewhere",
+        about: "PVH: rdseed, which software KVM cannot emulate (error names it); exits 0 elsewhere",
     },
     GuestSpec {
         name: "spin",

@@ -93,13 +93,6 @@ pub const COMPAT_MASKED: &[Masked] = &[
         reason: "VEX-encoded, needs xsave",
     },
     Masked {
-        leaf: 1,
-        reg: Reg::Ecx,
-        bit: 30,
-        name: "rdrand",
-        reason: "rdrand is not emulated",
-    },
-    Masked {
         leaf: 7,
         reg: Reg::Ebx,
         bit: 0,

@@ -11,6 +11,11 @@
 //! - `popcnt r, r` (register form, 16/32/64-bit): compute, set ZF, clear
 //!   CF/OF/SF/AF/PF.
 //! - `fwait`/`wait`: no x87 exceptions are ever pending, so a no-op.
+//! - `rdrand r`: filled from the host's `getrandom`, CF set. Completing it
+//!   lets the guest see RDRAND and seed its RNG at once: without a CPU
+//!   entropy source, a 6.1 guest re-hashes its whole entropy pool (BLAKE2s,
+//!   emulated) on every random-number request until enough interrupts have
+//!   arrived — measured as most of a 40 s boot on this kind of host.
 //!
 //! Anything else ends the VM with an error naming the instruction, its
 //! bytes and the guest RIP.
@@ -49,6 +54,7 @@ pub fn kind_name(code: Code) -> &'static str {
         Code::Stac => "stac",
         Code::Wait => "fwait",
         Code::Popcnt_r16_rm16 | Code::Popcnt_r32_rm32 | Code::Popcnt_r64_rm64 => "popcnt",
+        Code::Rdrand_r16 | Code::Rdrand_r32 | Code::Rdrand_r64 => "rdrand",
         _ => "other",
     }
 }
@@ -115,6 +121,14 @@ fn gpr(regs: &mut kvm_regs, reg: Register) -> Option<(&mut u64, u32)> {
     Some((slot, reg.size() as u32))
 }
 
+/// Random bits from the host kernel (`getrandom`), or `None` if it fails.
+fn host_random_u64() -> Option<u64> {
+    let mut v = [0u8; 8];
+    // SAFETY: getrandom writes at most `v.len()` bytes into our buffer.
+    let n = unsafe { libc::getrandom(v.as_mut_ptr().cast(), v.len(), 0) };
+    (n == v.len() as isize).then(|| u64::from_ne_bytes(v))
+}
+
 /// Completes the instruction in `bytes` (read at the guest's RIP) for a CPU
 /// in `bitness`-bit mode, updating `regs`.
 pub fn emulate(
@@ -159,6 +173,22 @@ pub fn emulate(
             if value == 0 {
                 regs.rflags |= RFLAGS_ZF;
             }
+            Effect::Done
+        }
+        Code::Rdrand_r16 | Code::Rdrand_r32 | Code::Rdrand_r64 => {
+            let random = host_random_u64();
+            let (dst, width) =
+                gpr(regs, insn.op0_register()).ok_or_else(|| describe(&insn, bytes, rip))?;
+            let v = random.unwrap_or(0);
+            *dst = match width {
+                2 => (*dst & !0xffff) | (v & 0xffff),
+                4 => v & 0xffff_ffff,
+                _ => v,
+            };
+            regs.rflags &= !(RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF);
+            if random.is_some() {
+                regs.rflags |= RFLAGS_CF; // CF=1: the value is valid
+            } // else CF=0 tells the guest to retry, as a CPU out of entropy would
             Effect::Done
         }
         _ => return Err(describe(&insn, bytes, rip)),
@@ -261,6 +291,35 @@ mod tests {
         assert_eq!(e.text, "ud2");
         let e = emulate(&[0x0f], 64, &mut r).unwrap_err();
         assert_eq!(e.text, "invalid");
+    }
+
+    #[test]
+    fn rdrand_fills_the_register_and_sets_cf() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let mut r = regs();
+            r.rflags |= RFLAGS_ZF;
+            // rdrand rax
+            assert_eq!(
+                emulate(&[0x48, 0x0f, 0xc7, 0xf0], 64, &mut r).unwrap(),
+                (Effect::Done, "rdrand")
+            );
+            assert_ne!(r.rflags & RFLAGS_CF, 0);
+            assert_eq!(r.rflags & RFLAGS_ZF, 0);
+            assert_eq!(r.rip, 0xffff_ffff_8100_0004);
+            seen.insert(r.rax);
+        }
+        assert!(seen.len() > 1, "values must differ");
+        // rdrand ecx: 32-bit write zero-extends
+        let mut r = regs();
+        r.rcx = u64::MAX;
+        emulate(&[0x0f, 0xc7, 0xf1], 64, &mut r).unwrap();
+        assert_eq!(r.rcx >> 32, 0);
+        // rdrand dx keeps the upper bits
+        let mut r = regs();
+        r.rdx = 0xaaaa_bbbb_cccc_0000;
+        emulate(&[0x66, 0x0f, 0xc7, 0xf2], 64, &mut r).unwrap();
+        assert_eq!(r.rdx & !0xffff, 0xaaaa_bbbb_cccc_0000);
     }
 
     #[test]

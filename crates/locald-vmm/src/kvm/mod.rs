@@ -157,7 +157,7 @@ impl KvmVm {
                 mmio: Bus::new(),
                 control,
                 mem,
-                samples: Mutex::new(HashMap::new()),
+                samples: Mutex::new(Vec::new()),
                 emulated: Mutex::new(HashMap::new()),
             }),
             serial,
@@ -232,7 +232,7 @@ impl KvmVm {
     }
 
     /// Guest RIP samples taken while profiling.
-    pub fn samples(&self) -> HashMap<u64, u64> {
+    pub fn samples(&self) -> Vec<crate::profile::Sample> {
         self.shared
             .samples
             .lock()

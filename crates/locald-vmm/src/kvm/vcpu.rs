@@ -46,8 +46,8 @@ pub struct VcpuShared {
     pub control: Arc<VmControl>,
     /// Guest memory (for decoding failed instructions).
     pub mem: GuestMemoryMmap,
-    /// Guest RIP histogram when profiling.
-    pub samples: Mutex<HashMap<u64, u64>>,
+    /// Guest RIP samples when profiling.
+    pub samples: Mutex<Vec<crate::profile::Sample>>,
     /// Instructions completed by [`emulate`], by kind.
     pub emulated: Mutex<HashMap<&'static str, u64>>,
 }
@@ -242,12 +242,16 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<VcpuShared>, sample: Arc<S
                 vcpu.set_kvm_immediate_exit(0);
                 if sample.0.swap(false, Ordering::Relaxed) {
                     if let Ok(r) = vcpu.get_regs() {
-                        *shared
+                        let at = control.elapsed();
+                        shared
                             .samples
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .entry(r.rip)
-                            .or_default() += 1;
+                            .push(crate::profile::Sample {
+                                at,
+                                cpu: id,
+                                rip: r.rip,
+                            });
                     }
                 }
                 Action::Continue
