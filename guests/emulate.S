@@ -60,6 +60,18 @@ _start:
 1:  PRINT "popcnt FAILED\n"
     inc ebp
 2:
+    # rdrand: CF=1 and a value (two reads differ)
+    rdrand eax
+    jnc 1f
+    rdrand ecx
+    jnc 1f
+    cmp eax, ecx
+    je 1f
+    PRINT "rdrand ok\n"
+    jmp 2f
+1:  PRINT "rdrand FAILED\n"
+    inc ebp
+2:
     # fwait: no x87 exception pending, so it just continues
     fwait
     PRINT "fwait ok\n"

@@ -1,4 +1,4 @@
-# unhandled: executes `rdrand eax`, which neither KVM's instruction
+# unhandled: executes `rdseed eax`, which neither KVM's instruction
 # emulator nor locald-vmm completes on a software-KVM host, so the VM must
 # end with an error naming the instruction, its bytes and the RIP. On
 # hardware KVM the instruction runs natively and the guest exits 0.
@@ -13,8 +13,8 @@
 _start:
     cli
     mov esp, offset stack_top
-    PRINT "rdrand next\n"
-    rdrand eax
+    PRINT "rdseed next\n"
+    rdseed eax
     EXIT 0
 
     .section .bss
