@@ -53,7 +53,7 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
     /// Guest memory: MiB, or with a suffix M, G or T (e.g. 512M, 2G).
-    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    #[arg(long, value_name = "SIZE", default_value = "128M")]
     memory: String,
     /// Environment variable for the command (repeatable).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]

@@ -118,7 +118,7 @@ impl Default for VmConfig {
             env: Vec::new(),
             workdir: None,
             vcpus: 1,
-            memory_mib: 256,
+            memory_mib: 128,
             console: ConsoleConfig::Stdio,
             cpu_compat: CpuCompat::Auto,
             timeout: None,
