@@ -42,7 +42,7 @@ pub const DEFAULT_GUEST_CMDLINE: &str = "quiet";
 /// Command line that keeps an unmodified kernel away from instructions a
 /// software KVM cannot emulate (see docs/software-kvm.md).
 pub const COMPAT_CMDLINE: &str =
-    "noxsave nosmap nosmep nopti clearcpuid=erms,fsrm tsc=reliable no_timer_check noreplace-smp random.trust_cpu=on rodata=off percpu_alloc=page slab_sysfs=off";
+    "clearcpuid=erms,fsrm,smap,smep,popcnt,xsave,cx16,pcid tsc=reliable no_timer_check noreplace-smp random.trust_cpu=on rodata=off percpu_alloc=page slab_sysfs=off";
 
 /// A configured virtual machine, ready to run once.
 pub struct VirtualMachine {
