@@ -214,7 +214,7 @@ impl KvmVm {
             for t in threads.iter().filter(|t| !t.is_finished()) {
                 let _ = t.kill(vcpu::kick_signal());
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_micros(50));
         }
         for t in threads {
             let _ = t.join();
