@@ -89,9 +89,9 @@ fn unhandled_instruction_names_itself() {
         return;
     }
     let err = result
-        .expect_err("rdrand cannot be completed here")
+        .expect_err("rdseed cannot be completed here")
         .to_string();
-    assert!(err.contains("rdrand eax"), "{err}");
-    assert!(err.contains("bytes 0f c7 f0"), "{err}");
+    assert!(err.contains("rdseed eax"), "{err}");
+    assert!(err.contains("bytes 0f c7 f8"), "{err}");
     assert!(err.contains("guest RIP 0x"), "{err}");
 }
