@@ -14,4 +14,4 @@ cargo build --workspace --release
 # Build the default guest kernel (~6 min on 2 cores, once per machine) and
 # initramfs before the tests, with visible progress.
 target/release/locald-vmm prepare
-cargo test --workspace -- --include-ignored "$@"
+cargo test --workspace --no-fail-fast -- --include-ignored "$@"
