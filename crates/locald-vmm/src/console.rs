@@ -1,12 +1,15 @@
 //! Host side of the serial console input: a thread that forwards our stdin
 //! to the guest's UART (bounded; waits while the guest is not reading), and
 //! a guard that puts a terminal stdin into raw mode and restores it on drop.
-//! The input thread polls so it can notice the VM stopped and exit.
+//! The input thread waits on stdin and on a stop eventfd, so it ends as soon
+//! as the VM stops.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::serial::SerialDevice;
 
@@ -50,14 +53,14 @@ impl Drop for RawTerminal {
 
 /// The stdin → UART forwarding thread.
 pub struct InputThread {
-    stop: Arc<AtomicBool>,
+    stop: Arc<EventFd>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl InputThread {
     /// Starts forwarding stdin to `serial`.
     pub fn spawn(serial: Arc<Mutex<SerialDevice>>) -> std::io::Result<InputThread> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let flag = stop.clone();
         let handle = std::thread::Builder::new()
             .name("console input".into())
@@ -71,24 +74,49 @@ impl InputThread {
 
 impl Drop for InputThread {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.stop.write(1);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
     }
 }
 
-fn forward(serial: Arc<Mutex<SerialDevice>>, stop: Arc<AtomicBool>) {
-    let mut buf = [0u8; 4096];
-    while !stop.load(Ordering::SeqCst) {
-        let mut pfd = libc::pollfd {
-            fd: 0,
+fn forward(serial: Arc<Mutex<SerialDevice>>, stop: Arc<EventFd>) {
+    let stopped = || {
+        let mut p = libc::pollfd {
+            fd: stop.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd, 100 ms timeout.
-        let r = unsafe { libc::poll(&mut pfd, 1, 100) };
-        if r <= 0 {
+        // SAFETY: one valid pollfd, no wait.
+        unsafe { libc::poll(&mut p, 1, 0) > 0 }
+    };
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds; waits until stdin or the stop event.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents == 0 {
             continue;
         }
         // SAFETY: reads into our own buffer of the given length.
@@ -97,7 +125,7 @@ fn forward(serial: Arc<Mutex<SerialDevice>>, stop: Arc<AtomicBool>) {
             return; // EOF or error: nothing more to forward.
         }
         let mut rest = &buf[..n as usize];
-        while !rest.is_empty() && !stop.load(Ordering::SeqCst) {
+        while !rest.is_empty() && !stopped() {
             let taken = serial
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
