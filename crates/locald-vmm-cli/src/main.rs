@@ -148,16 +148,13 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     let mut vm = VirtualMachine::new(config)?;
     tracing::info!("VM set up in {:.3} s", start.elapsed().as_secs_f64());
     let status = vm.run()?;
+    let mut emulated: Vec<_> = vm.emulated_instructions().into_iter().collect();
+    emulated.sort();
+    if !emulated.is_empty() {
+        let list: Vec<String> = emulated.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        tracing::info!("instructions completed by the VMM: {}", list.join(", "));
+    }
     if args.verbose {
-        let mut emulated: Vec<_> = vm.emulated_instructions().into_iter().collect();
-        emulated.sort();
-        if !emulated.is_empty() {
-            let list: Vec<String> = emulated.iter().map(|(k, n)| format!("{k} {n}")).collect();
-            eprintln!(
-                "locald-vmm: instructions completed by the VMM: {}",
-                list.join(", ")
-            );
-        }
         for m in vm.markers() {
             eprintln!(
                 "locald-vmm: guest marker {} at {:.3} s",
