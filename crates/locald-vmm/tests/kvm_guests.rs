@@ -185,6 +185,14 @@ fn i8042_reset_is_reported() {
 }
 
 #[test]
+fn kernel_panic_then_reset_is_a_panic() {
+    require_kvm!();
+    let o = run(&Spec::new("panic"));
+    assert_eq!(o.status, ExitStatus::Panic, "output:\n{}", o.out);
+    assert!(o.out.contains("Kernel panic - not syncing"));
+}
+
+#[test]
 fn cpuid_shows_kvm() {
     require_kvm!();
     let o = run(&Spec::new("cpuid"));

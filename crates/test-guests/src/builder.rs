@@ -89,6 +89,11 @@ pub const GUESTS: &[GuestSpec] = &[
         about: "PVH: rdseed, which software KVM cannot emulate (error names it); exits 0 elsewhere",
     },
     GuestSpec {
+        name: "panic",
+        script: "pvh.ld",
+        about: "PVH: prints a Linux panic line, then resets through the i8042",
+    },
+    GuestSpec {
         name: "spin",
         script: "pvh.ld",
         about: "PVH: prints spinning and loops forever",
