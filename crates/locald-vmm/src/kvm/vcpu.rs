@@ -96,7 +96,9 @@ pub fn create(
     Ok(vcpu)
 }
 
-fn convert<'a>(exit: VcpuExit<'a>, run: Option<&kvm_run>) -> Exit<'a> {
+/// Maps KVM's exit to ours. `InternalError` carries 0 here: its suberror
+/// lives in the run structure, read by [`internal_suberror`].
+fn convert(exit: VcpuExit<'_>) -> Exit<'_> {
     match exit {
         VcpuExit::IoIn(p, d) => Exit::IoIn(p, d),
         VcpuExit::IoOut(p, d) => Exit::IoOut(p, d),
@@ -105,12 +107,7 @@ fn convert<'a>(exit: VcpuExit<'a>, run: Option<&kvm_run>) -> Exit<'a> {
         VcpuExit::Hlt => Exit::Hlt,
         VcpuExit::Shutdown => Exit::Shutdown,
         VcpuExit::SystemEvent(t, _) => Exit::SystemEvent(t),
-        VcpuExit::InternalError => {
-            // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the
-            // `internal` member of the exit union.
-            let sub = run.map(|r| unsafe { r.__bindgen_anon_1.internal.suberror });
-            Exit::InternalError(sub.unwrap_or(0))
-        }
+        VcpuExit::InternalError => Exit::InternalError(0),
         VcpuExit::FailEntry(reason, _) => Exit::FailEntry(reason),
         VcpuExit::Unknown => Exit::Other("Unknown"),
         VcpuExit::Exception => Exit::Other("Exception"),
@@ -119,6 +116,13 @@ fn convert<'a>(exit: VcpuExit<'a>, run: Option<&kvm_run>) -> Exit<'a> {
         VcpuExit::Intr => Exit::Other("Intr"),
         _ => Exit::Other("unsupported"),
     }
+}
+
+/// The suberror of the `KVM_EXIT_INTERNAL_ERROR` the vCPU just took.
+fn internal_suberror(run: &kvm_run) -> u32 {
+    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the kernel has filled the
+    // `internal` member of the exit union.
+    unsafe { run.__bindgen_anon_1.internal.suberror }
 }
 
 /// Reads guest-virtual memory page by page through the vCPU's page tables.
@@ -227,17 +231,13 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<VcpuShared>, sample: Arc<S
             return;
         }
         let action = match vcpu.run() {
-            Ok(exit) => {
-                let exit = convert(exit, None);
-                let exit = match exit {
-                    Exit::InternalError(_) => {
-                        let sub = convert(VcpuExit::InternalError, Some(vcpu.get_kvm_run()));
-                        sub
-                    }
-                    e => e,
-                };
-                exits::handle(exit, &shared.pio, &shared.mmio)
-            }
+            Ok(exit) => match convert(exit) {
+                Exit::InternalError(_) => {
+                    let sub = internal_suberror(vcpu.get_kvm_run());
+                    exits::handle(Exit::InternalError(sub), &shared.pio, &shared.mmio)
+                }
+                exit => exits::handle(exit, &shared.pio, &shared.mmio),
+            },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
                 if sample.0.swap(false, Ordering::Relaxed) {
