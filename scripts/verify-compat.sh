@@ -6,7 +6,7 @@
 # whose output is recorded in docs/software-kvm.md, not part of the tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/locald-vmm
+bin=${LOCALD_VMM_BIN:-target/release/locald-vmm}
 [ -x "$bin" ] || cargo build --release -p locald-vmm-cli
 features=${*:-"cx16 pcid popcnt xsave osxsave avx f16c fma rdrand fsgsbase avx2 smep erms invpcid avx512f rdseed smap"}
 run() {
