@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=${LOCALD_VMM_BIN:-target/release/locald-vmm}
 [ -x "$bin" ] || cargo build --release -p locald-vmm-cli
-features=${*:-"cx16 pcid popcnt xsave osxsave avx f16c fma rdrand fsgsbase avx2 smep erms invpcid avx512f rdseed smap"}
+features=${*:-"cx16 pcid popcnt xsave smap smep erms fsrm osxsave avx f16c fma fsgsbase avx2 invpcid avx512f rdseed"}
 run() {
   LOCALD_VMM_COMPAT_KEEP="$1" timeout 200 "$bin" run --memory 128M --timeout 180 -- sh -c 'echo ok-$((6*7))' 2>&1
 }

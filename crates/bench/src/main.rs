@@ -178,6 +178,8 @@ fn run(opts: &Options) -> Result<(), String> {
         ("pvh_exit0: start -> exit (ms)", 1, |s| Some(s[1].exit_ms)),
         ("port_loop: start -> exit (ms)", 1, |s| Some(s[2].exit_ms)),
         ("pvh_hello: CPU user+sys (ms)", 1, |s| Some(s[0].cpu_ms)),
+        // The startup/teardown cost itself: a guest that exits at once.
+        ("pvh_exit0: CPU user+sys (ms)", 1, |s| Some(s[1].cpu_ms)),
         ("pvh_hello: peak RSS (MiB)", 1, |s| Some(s[0].rss_mib)),
         ("port I/O exit cost (us/exit)", 2, |s| {
             Some((s[2].exit_ms - s[1].exit_ms) * 1000.0 / PORT_LOOP_EXITS)

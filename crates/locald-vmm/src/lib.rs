@@ -17,6 +17,8 @@ pub mod error;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod profile;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,10 +41,35 @@ pub const BASE_CMDLINE: &str =
 /// calibration work beyond what kvm-clock gives.
 pub const DEFAULT_GUEST_CMDLINE: &str = "quiet";
 
-/// Command line that keeps an unmodified kernel away from instructions a
-/// software KVM cannot emulate (see docs/software-kvm.md).
+/// CPU features the guest kernel is told to ignore (`clearcpuid=`) on a
+/// software KVM: instructions the emulator lacks (`xrstor`, `cmpxchg16b`,
+/// `popcnt`, `stac`/`clac`, `invpcid`) or runs byte by byte (`rep movsb`).
+/// Needed on the command line because such a host ignores CPUID leaf-7
+/// values the VMM sets. See docs/software-kvm.md.
+pub const COMPAT_CLEARCPUID: &[&str] = &[
+    "erms", "fsrm", "smap", "smep", "popcnt", "xsave", "cx16", "pcid",
+];
+
+/// The rest of the software-KVM command line (see docs/software-kvm.md).
 pub const COMPAT_CMDLINE: &str =
-    "clearcpuid=erms,fsrm,smap,smep,popcnt,xsave,cx16,pcid tsc=reliable no_timer_check noreplace-smp random.trust_cpu=on rodata=off percpu_alloc=page slab_sysfs=off";
+    "tsc=reliable no_timer_check noreplace-smp random.trust_cpu=on rodata=off percpu_alloc=page slab_sysfs=off";
+
+/// The software-KVM command line, leaving visible the features named in
+/// `keep` (comma-separated; `LOCALD_VMM_COMPAT_KEEP`, a debug aid that
+/// also unmasks them in CPUID, to re-verify each entry by booting).
+pub fn compat_cmdline(keep: &str) -> String {
+    let keep: Vec<&str> = keep.split(',').map(str::trim).collect();
+    let clear: Vec<&str> = COMPAT_CLEARCPUID
+        .iter()
+        .copied()
+        .filter(|f| !keep.contains(f))
+        .collect();
+    if clear.is_empty() {
+        COMPAT_CMDLINE.to_string()
+    } else {
+        format!("clearcpuid={} {COMPAT_CMDLINE}", clear.join(","))
+    }
+}
 
 /// A configured virtual machine, ready to run once.
 pub struct VirtualMachine {
@@ -119,7 +146,9 @@ impl VirtualMachine {
         }
         if compat {
             cmdline.push(' ');
-            cmdline.push_str(COMPAT_CMDLINE);
+            cmdline.push_str(&compat_cmdline(
+                &std::env::var("LOCALD_VMM_COMPAT_KEEP").unwrap_or_default(),
+            ));
         }
         if let Some(extra) = &config.cmdline {
             cmdline.push(' ');

@@ -1,0 +1,17 @@
+//! Unit tests of the library's top level (command-line assembly).
+
+use super::*;
+
+#[test]
+fn compat_cmdline_clears_features_unless_kept() {
+    let all = compat_cmdline("");
+    assert!(all.starts_with("clearcpuid=erms,fsrm,smap,smep,popcnt,xsave,cx16,pcid "));
+    assert!(all.ends_with(COMPAT_CMDLINE));
+    let some = compat_cmdline("popcnt, smap");
+    assert!(
+        some.starts_with("clearcpuid=erms,fsrm,smep,xsave,cx16,pcid "),
+        "{some}"
+    );
+    let none = compat_cmdline(&COMPAT_CLEARCPUID.join(","));
+    assert_eq!(none, COMPAT_CMDLINE);
+}
