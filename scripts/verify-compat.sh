@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Re-verifies, by booting, each CPUID feature the software-KVM compatibility
 # path hides: boots the default guest once per feature with that one feature
-# left visible (LOCALD_VMM_COMPAT_KEEP), and reports whether the guest still
+# left visible (LOCALD_VMM_COMPAT_KEEP: unmasked in CPUID and dropped from
+# the clearcpuid= list), and reports whether the guest still
 # ran a command to completion. Slow (one full boot per feature); a debug aid
 # whose output is recorded in docs/software-kvm.md, not part of the tests.
 set -uo pipefail
