@@ -46,9 +46,7 @@ pub const DEFAULT_GUEST_CMDLINE: &str = "quiet";
 /// `popcnt`, `stac`/`clac`, `invpcid`) or runs byte by byte (`rep movsb`).
 /// Needed on the command line because such a host ignores CPUID leaf-7
 /// values the VMM sets. See docs/software-kvm.md.
-pub const COMPAT_CLEARCPUID: &[&str] = &[
-    "erms", "fsrm", "smap", "smep", "popcnt", "xsave", "cx16", "pcid",
-];
+pub const COMPAT_CLEARCPUID: &[&str] = &["erms", "fsrm", "smap", "smep", "popcnt", "xsave", "cx16"];
 
 /// The rest of the software-KVM command line (see docs/software-kvm.md).
 pub const COMPAT_CMDLINE: &str =

@@ -5,11 +5,11 @@ use super::*;
 #[test]
 fn compat_cmdline_clears_features_unless_kept() {
     let all = compat_cmdline("");
-    assert!(all.starts_with("clearcpuid=erms,fsrm,smap,smep,popcnt,xsave,cx16,pcid "));
+    assert!(all.starts_with("clearcpuid=erms,fsrm,smap,smep,popcnt,xsave,cx16 "));
     assert!(all.ends_with(COMPAT_CMDLINE));
     let some = compat_cmdline("popcnt, smap");
     assert!(
-        some.starts_with("clearcpuid=erms,fsrm,smep,xsave,cx16,pcid "),
+        some.starts_with("clearcpuid=erms,fsrm,smep,xsave,cx16 "),
         "{some}"
     );
     let none = compat_cmdline(&COMPAT_CLEARCPUID.join(","));

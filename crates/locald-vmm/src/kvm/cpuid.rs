@@ -46,13 +46,6 @@ pub const COMPAT_MASKED: &[Masked] = &[
     Masked {
         leaf: 1,
         reg: Reg::Ecx,
-        bit: 17,
-        name: "pcid",
-        reason: "PCID-tagged CR3 writes and INVPCID are not emulated",
-    },
-    Masked {
-        leaf: 1,
-        reg: Reg::Ecx,
         bit: 23,
         name: "popcnt",
         reason: "popcnt is not emulated",
