@@ -132,3 +132,58 @@ fn missing_command_is_127() {
         "the error names the program"
     );
 }
+
+/// Interactive mode: no command gives a shell on the serial console. Host
+/// stdin reaches it through the UART (typed only once the prompt is up, as
+/// a user would), and the shell's exit status becomes the CLI's.
+#[test]
+fn interactive_shell_over_the_serial_console() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    if !kvm_present() {
+        return;
+    }
+    let mut child = vmm()
+        .args(["run", "--memory", "64M", "--timeout", "300"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run locald-vmm");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(280);
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => seen.extend_from_slice(&chunk),
+                Err(_) => panic!(
+                    "no {needle:?} from the guest; output so far:\n{}",
+                    String::from_utf8_lossy(&seen)
+                ),
+            }
+        }
+    };
+    wait_for("# ");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"echo typed-$((6 * 7))\n")
+        .expect("type into the guest");
+    wait_for("typed-42");
+    stdin.write_all(b"exit 5\n").expect("type exit");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(5), "the shell's exit status");
+}
