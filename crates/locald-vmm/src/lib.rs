@@ -87,17 +87,17 @@ impl VirtualMachine {
     /// the VM (memory, devices, vCPUs, kernel loaded). Nothing runs yet.
     pub fn new(config: VmConfig) -> Result<Self, Error> {
         config.validate()?;
-        let compat = match config.cpu_compat {
-            CpuCompat::On => true,
-            CpuCompat::Off => false,
-            CpuCompat::Auto => kvm::host::software_kvm_reason().is_some(),
+        let compat_reason = match config.cpu_compat {
+            CpuCompat::On => Some("forced with --cpu-compat on"),
+            CpuCompat::Off => None,
+            CpuCompat::Auto => kvm::host::software_kvm_reason(),
         };
-        if compat {
-            tracing::info!(
-                "software KVM host ({}): applying the CPU compatibility path",
-                kvm::host::software_kvm_reason().unwrap_or("forced with --cpu-compat on")
-            );
+        let compat = compat_reason.is_some();
+        if let Some(reason) = compat_reason {
+            tracing::info!("software KVM host ({reason}): applying the CPU compatibility path");
         }
+        // Debug aid: features to leave visible on the compatibility path.
+        let compat_keep = std::env::var("LOCALD_VMM_COMPAT_KEEP").unwrap_or_default();
         let default_kernel = config.kernel.is_none();
         let (kernel, system_map) = match &config.kernel {
             Some(k) => (k.clone(), config.system_map.clone()),
@@ -106,25 +106,20 @@ impl VirtualMachine {
                 (k.vmlinux, config.system_map.clone().or(Some(k.system_map)))
             }
         };
-        let mut initrd = match (&config.initrd, default_kernel) {
-            (Some(path), _) => Some((
-                path.display().to_string(),
-                std::fs::read(path).map_err(|e| ConfigError::File {
-                    path: path.clone(),
-                    err: e,
-                })?,
-            )),
-            (None, true) => {
-                let path = assets::default_initramfs()?;
-                Some((
-                    path.display().to_string(),
-                    std::fs::read(&path).map_err(|e| ConfigError::File {
-                        path: path.clone(),
-                        err: e,
-                    })?,
-                ))
-            }
+        let initrd_path = match (&config.initrd, default_kernel) {
+            (Some(path), _) => Some(path.clone()),
+            (None, true) => Some(assets::default_initramfs()?),
             (None, false) => None,
+        };
+        let mut initrd = match initrd_path {
+            Some(path) => {
+                let bytes = std::fs::read(&path).map_err(|err| ConfigError::File {
+                    path: path.clone(),
+                    err,
+                })?;
+                Some((path.display().to_string(), bytes))
+            }
+            None => None,
         };
         if let (Some(argv), Some((_, bytes))) = (&config.command, initrd.as_mut()) {
             // newc archives concatenate: the command spec rides after the base image.
@@ -144,9 +139,7 @@ impl VirtualMachine {
         }
         if compat {
             cmdline.push(' ');
-            cmdline.push_str(&compat_cmdline(
-                &std::env::var("LOCALD_VMM_COMPAT_KEEP").unwrap_or_default(),
-            ));
+            cmdline.push_str(&compat_cmdline(&compat_keep));
         }
         if let Some(extra) = &config.cmdline {
             cmdline.push(' ');
@@ -158,7 +151,11 @@ impl VirtualMachine {
             cmdline,
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
-            compat,
+            masked: if compat {
+                kvm::cpuid::compat_mask(&compat_keep)
+            } else {
+                Vec::new()
+            },
         };
         let sink = match &config.console {
             ConsoleConfig::Stdio => ConsoleSink::Stdout,

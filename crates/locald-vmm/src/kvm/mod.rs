@@ -19,7 +19,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -46,8 +48,9 @@ pub struct BootSpec {
     pub vcpus: u8,
     /// Memory in MiB.
     pub memory_mib: u64,
-    /// Apply the software-KVM compatibility path.
-    pub compat: bool,
+    /// CPU features hidden from the guest (empty unless the software-KVM
+    /// compatibility path is on).
+    pub masked: Vec<cpuid::Masked>,
 }
 
 /// A created, not yet running, KVM virtual machine.
@@ -139,13 +142,20 @@ impl KvmVm {
             .map_err(|e| BootError::Setup(format!("page tables: {e}")))?;
         mptable::write(&mem, spec.vcpus).map_err(|e| BootError::Setup(format!("MP table: {e}")))?;
 
-        let masked = if spec.compat {
-            cpuid::compat_mask(&std::env::var("LOCALD_VMM_COMPAT_KEEP").unwrap_or_default())
-        } else {
-            Vec::new()
-        };
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
         let vcpus = (0..spec.vcpus)
-            .map(|id| vcpu::create(&kvm, &vm, id, spec.vcpus, &masked, kernel.entry))
+            .map(|id| {
+                vcpu::create(
+                    &vm,
+                    supported.as_slice(),
+                    id,
+                    spec.vcpus,
+                    &spec.masked,
+                    kernel.entry,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         vcpu::install_kick_handler()?;
         Ok(KvmVm {

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_run, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_bindings::{kvm_run, CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::boot::KernelEntry;
@@ -58,9 +58,10 @@ pub struct SampleFlag(pub AtomicBool);
 
 /// Creates vCPU `id` and gives it CPUID, MSRs, LAPIC LINT pins and, for the
 /// boot vCPU, the entry register state.
+/// `supported` is KVM's supported CPUID list, fetched once per VM.
 pub fn create(
-    kvm: &Kvm,
     vm: &VmFd,
+    supported: &[kvm_bindings::kvm_cpuid_entry2],
     id: u8,
     cpus: u8,
     masked: &[cpuid::Masked],
@@ -69,10 +70,7 @@ pub fn create(
     let vcpu = vm
         .create_vcpu(u64::from(id))
         .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    let mut entries = supported.as_slice().to_vec();
+    let mut entries = supported.to_vec();
     cpuid::configure(&mut entries, id, cpus, masked);
     let cpuid =
         CpuId::from_entries(&entries).map_err(|e| Error::Device(format!("cpuid: {e:?}")))?;
