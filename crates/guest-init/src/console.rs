@@ -8,12 +8,18 @@ use std::io::Write;
 /// Formats the one-line message `locald-init: <what>: <err>`, dropping the
 /// ` (os error N)` suffix that `io::Error` appends.
 pub fn format(what: &dyn Display, err: &dyn Display) -> String {
-    let err = err.to_string();
-    let err = match err.rfind(" (os error ") {
-        Some(i) if err.ends_with(')') => &err[..i],
-        _ => &err,
-    };
-    format!("locald-init: {what}: {err}\n")
+    format!("locald-init: {what}: {}\n", describe(err))
+}
+
+/// `err` as text without the ` (os error N)` suffix of `io::Error`.
+pub fn describe(err: &dyn Display) -> String {
+    let mut err = err.to_string();
+    if let Some(i) = err.rfind(" (os error ") {
+        if err.ends_with(')') {
+            err.truncate(i);
+        }
+    }
+    err
 }
 
 /// Prints `locald-init: <what>: <err>` to stderr in a single write.

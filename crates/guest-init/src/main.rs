@@ -2,10 +2,12 @@
 //!
 //! Single-threaded. Boot sequence: report "userspace reached" on the exit
 //! port, mount the pseudo filesystems, set the hostname, bring up `lo`, read
-//! the command spec from `/.locald/`, spawn the command (one `posix_spawn`,
-//! no shell) with the console as stdio, reap children until it exits, then
-//! report its exit code through port `0xf4`, which ends the VM. Without the
-//! port (not under locald-vmm) it falls back to `reboot(2)`.
+//! the command spec from `/.locald/`, switch to a root disk if the spec names
+//! one (`rootfs`), spawn the command (one `posix_spawn`, no shell) with the
+//! console as stdio, reap children until it exits, make the disks' data
+//! durable (`shutdown`), then report its exit code through port `0xf4`,
+//! which ends the VM. Without the port (not under locald-vmm) it falls back
+//! to `reboot(2)`.
 //!
 //! Never panics on purpose; every failure prints `locald-init: <what>: <err>`
 //! and reports exit code 125. A panic hook does the same as a last resort.
@@ -20,6 +22,8 @@
 mod console;
 mod mounts;
 mod port;
+mod rootfs;
+mod shutdown;
 mod spawn;
 mod spec;
 
@@ -90,6 +94,12 @@ fn run(port: ExitPort) -> Ending {
             return Ending::Exit(CODE_INIT_FAILURE);
         }
     };
+    if let Some(root) = &spec.root {
+        if let Err((what, e)) = rootfs::switch_root(root) {
+            console::error(what, e);
+            return Ending::Exit(CODE_INIT_FAILURE);
+        }
+    }
     if let Some(dir) = &spec.workdir {
         if let Err(e) = enter_workdir(dir) {
             console::error(
@@ -161,10 +171,10 @@ fn enter_workdir(dir: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Flushes filesystems and ends the VM with `code`; never returns.
+/// Flushes and unmounts the disks, then ends the VM with `code`; never
+/// returns.
 fn power_off(port: ExitPort, code: u8) -> ! {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
+    shutdown::shutdown();
     port.exit(code);
     // Still running: no locald-vmm exit device. Power off the classic way.
     // SAFETY: reboot(2) with a valid command; returns only on failure.
@@ -182,8 +192,7 @@ fn power_off(port: ExitPort, code: u8) -> ! {
 
 /// Reboots (the VMM sees the reset); never returns.
 fn reboot() -> ! {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
+    shutdown::shutdown();
     // SAFETY: reboot(2) with a valid command; returns only on failure.
     unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     console::error("reboot(RB_AUTOBOOT)", std::io::Error::last_os_error());

@@ -9,6 +9,8 @@
 //!   (same key replaces, new keys are appended in order). Entries without `=`
 //!   or with an empty key are ignored.
 //! - `workdir`: a path; one trailing NUL or newline is stripped; empty means none.
+//! - `root` (optional): boot from a disk, `DEVICE\0FSTYPE\0MODE\0` — see
+//!   [`parse_root`].
 
 use std::ffi::CString;
 use std::io;
@@ -36,7 +38,51 @@ pub struct Spec {
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
     /// Working directory, if any.
     pub workdir: Option<Vec<u8>>,
+    /// Root filesystem to switch to before running the command, if any.
+    pub root: Option<RootSpec>,
 }
+
+/// Contents of `/.locald/root`: the filesystem to use as `/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootSpec {
+    /// Block device (or other `mount(2)` source), e.g. `/dev/vda`.
+    pub device: CString,
+    /// Filesystem type for `mount(2)`, e.g. `ext4`.
+    pub fstype: CString,
+    /// Mount read-only (`MODE` = `ro`).
+    pub read_only: bool,
+}
+
+/// Why `/.locald/root` was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootSpecError {
+    /// Not exactly three fields (the count found).
+    FieldCount(usize),
+    /// `DEVICE` is empty.
+    EmptyDevice,
+    /// `FSTYPE` is empty (for the named device).
+    EmptyFstype(String),
+    /// `MODE` is neither `rw` nor `ro` (device, mode as found).
+    BadMode(String, String),
+}
+
+impl std::fmt::Display for RootSpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::FieldCount(n) => write!(
+                f,
+                "expected 3 NUL-terminated fields DEVICE, FSTYPE, MODE, found {n}"
+            ),
+            Self::EmptyDevice => write!(f, "empty DEVICE"),
+            Self::EmptyFstype(dev) => write!(f, "empty FSTYPE for {dev}"),
+            Self::BadMode(dev, mode) => {
+                write!(f, "MODE for {dev} must be 'rw' or 'ro', got '{mode}'")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RootSpecError {}
 
 impl Spec {
     /// Value of `key` in the final environment.
@@ -114,12 +160,50 @@ pub fn parse_workdir(data: Option<&[u8]>) -> Option<Vec<u8>> {
     (!data.is_empty()).then(|| data.to_vec())
 }
 
-/// Builds a [`Spec`] from the raw file contents (`None` = file absent).
+/// Parses the `root` file: exactly three fields `DEVICE`, `FSTYPE`, `MODE`,
+/// each terminated by a NUL byte (the last NUL may be missing, as in `argv`).
+/// `MODE` is `rw` or `ro`, nothing else (no trailing newline). `DEVICE` and
+/// `FSTYPE` must be non-empty and are otherwise taken as raw bytes: non-UTF-8
+/// is accepted and handed to `mount(2)` unchanged (a device path is just
+/// bytes; an unknown fstype is the kernel's to reject).
+pub fn parse_root(data: &[u8]) -> Result<RootSpec, RootSpecError> {
+    let fields = split_nul(data);
+    let [device, fstype, mode] = fields[..] else {
+        return Err(RootSpecError::FieldCount(fields.len()));
+    };
+    if device.is_empty() {
+        return Err(RootSpecError::EmptyDevice);
+    }
+    let shown = String::from_utf8_lossy(device).into_owned();
+    if fstype.is_empty() {
+        return Err(RootSpecError::EmptyFstype(shown));
+    }
+    let read_only = match mode {
+        b"rw" => false,
+        b"ro" => true,
+        _ => {
+            return Err(RootSpecError::BadMode(
+                shown,
+                String::from_utf8_lossy(mode).into_owned(),
+            ))
+        }
+    };
+    // split_nul removed every NUL, so CString::new cannot fail.
+    Ok(RootSpec {
+        device: CString::new(device).unwrap_or_default(),
+        fstype: CString::new(fstype).unwrap_or_default(),
+        read_only,
+    })
+}
+
+/// Builds a [`Spec`] from the raw file contents (`None` = file absent). The
+/// `root` file is parsed separately ([`parse_root`]) because it can fail.
 pub fn parse(argv: Option<&[u8]>, env: Option<&[u8]>, workdir: Option<&[u8]>) -> Spec {
     Spec {
         argv: argv.map(parse_argv).unwrap_or_default(),
         env: parse_env(env),
         workdir: parse_workdir(workdir),
+        root: None,
     }
 }
 
@@ -142,7 +226,19 @@ pub fn read(dir: &Path) -> Result<Spec, (String, io::Error)> {
     let argv = load("argv")?;
     let env = load("env")?;
     let workdir = load("workdir")?;
-    Ok(parse(argv.as_deref(), env.as_deref(), workdir.as_deref()))
+    let root = match load("root")? {
+        Some(data) => Some(parse_root(&data).map_err(|e| {
+            (
+                format!("bad {}", dir.join("root").display()),
+                io::Error::new(io::ErrorKind::InvalidData, e),
+            )
+        })?),
+        None => None,
+    };
+    Ok(Spec {
+        root,
+        ..parse(argv.as_deref(), env.as_deref(), workdir.as_deref())
+    })
 }
 
 #[cfg(test)]
@@ -241,6 +337,101 @@ mod tests {
         let s = read(&dir).unwrap();
         assert_eq!(s.argv, vec![cs("ls"), cs("-l")]);
         assert_eq!(s.workdir.as_deref(), Some(&b"/tmp"[..]));
+        assert_eq!(s.root, None);
+        std::fs::write(dir.join("root"), b"/dev/vda\0ext4\0ro\0").unwrap();
+        let s = read(&dir).unwrap();
+        assert_eq!(
+            s.root,
+            Some(RootSpec {
+                device: cs("/dev/vda"),
+                fstype: cs("ext4"),
+                read_only: true
+            })
+        );
+        std::fs::write(dir.join("root"), b"/dev/vda\0ext4\0rx\0").unwrap();
+        let (what, e) = read(&dir).unwrap_err();
+        assert_eq!(
+            crate::console::format(&what, &e),
+            format!(
+                "locald-init: bad {}: MODE for /dev/vda must be 'rw' or 'ro', got 'rx'\n",
+                dir.join("root").display()
+            )
+        );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn root(device: &str, fstype: &str, read_only: bool) -> RootSpec {
+        RootSpec {
+            device: cs(device),
+            fstype: cs(fstype),
+            read_only,
+        }
+    }
+
+    #[test]
+    fn root_spec_good() {
+        assert_eq!(
+            parse_root(b"/dev/vda\0ext4\0rw\0"),
+            Ok(root("/dev/vda", "ext4", false))
+        );
+        assert_eq!(
+            parse_root(b"/dev/vdb\0xfs\0ro\0"),
+            Ok(root("/dev/vdb", "xfs", true))
+        );
+        // The last NUL may be missing (as in argv).
+        assert_eq!(
+            parse_root(b"/dev/vda\0ext4\0ro"),
+            Ok(root("/dev/vda", "ext4", true))
+        );
+    }
+
+    #[test]
+    fn root_spec_missing_or_extra_fields() {
+        use RootSpecError::*;
+        assert_eq!(parse_root(b""), Err(FieldCount(0)));
+        assert_eq!(parse_root(b"/dev/vda\0"), Err(FieldCount(1)));
+        assert_eq!(parse_root(b"/dev/vda\0ext4\0"), Err(FieldCount(2)));
+        assert_eq!(parse_root(b"/dev/vda ext4 rw\n"), Err(FieldCount(1)));
+        assert_eq!(parse_root(b"/dev/vda\0ext4\0rw\0\0"), Err(FieldCount(4)));
+        assert_eq!(
+            parse_root(b"/dev/vda\0ext4\0rw\0noatime\0"),
+            Err(FieldCount(4))
+        );
+        assert_eq!(parse_root(b"\0ext4\0rw\0"), Err(EmptyDevice));
+        assert_eq!(
+            parse_root(b"/dev/vda\0\0rw\0"),
+            Err(EmptyFstype("/dev/vda".into()))
+        );
+    }
+
+    #[test]
+    fn root_spec_bad_mode() {
+        use RootSpecError::BadMode;
+        for mode in [&b""[..], b"RW", b"rw\n", b" ro", b"readonly", b"r\xffo"] {
+            let mut data = b"/dev/vda\0ext4\0".to_vec();
+            data.extend_from_slice(mode);
+            data.push(0);
+            assert!(
+                matches!(parse_root(&data), Err(BadMode(d, _)) if d == "/dev/vda"),
+                "{mode:?}"
+            );
+        }
+        assert_eq!(
+            parse_root(b"/dev/vda\0ext4\0rx\0").unwrap_err().to_string(),
+            "MODE for /dev/vda must be 'rw' or 'ro', got 'rx'"
+        );
+    }
+
+    #[test]
+    fn root_spec_non_utf8_device_and_fstype_tolerated() {
+        let spec = parse_root(b"/dev/disk/by-label/\xe9t\xe9\0ext\xff\0rw\0").unwrap();
+        assert_eq!(spec.device.as_bytes(), b"/dev/disk/by-label/\xe9t\xe9");
+        assert_eq!(spec.fstype.as_bytes(), b"ext\xff");
+        assert!(!spec.read_only);
+        // Shown lossily in messages.
+        assert_eq!(
+            parse_root(b"/dev/\xff\0ext4\0xx").unwrap_err().to_string(),
+            "MODE for /dev/\u{fffd} must be 'rw' or 'ro', got 'xx'"
+        );
     }
 }
