@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use locald_vmm::{config, ConfigError, ConsoleConfig, CpuCompat, VirtualMachine, VmConfig};
+use locald_vmm::{
+    config, ConfigError, ConsoleConfig, CpuCompat, DiskConfig, RootfsConfig, VirtualMachine,
+    VmConfig,
+};
 
 /// Exit code for failures of the VMM itself.
 const VMM_ERROR: u8 = 125;
@@ -74,6 +77,21 @@ struct RunArgs {
     /// System.map for --profile-guest (default: the default kernel's).
     #[arg(long, value_name = "PATH")]
     system_map: Option<PathBuf>,
+    /// Attach a raw disk image as a virtio block device (repeatable; the
+    /// guest sees /dev/vda, /dev/vdb, … in order, after a --rootfs disk):
+    /// PATH[,ro][,cache=writeback|writethrough|unsafe][,id=SERIAL].
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// Boot into this ext4 image as the root filesystem (it becomes
+    /// /dev/vda) and run the command there. Same options as --disk.
+    #[arg(long, value_name = "SPEC")]
+    rootfs: Option<String>,
+    /// Filesystem type of --rootfs.
+    #[arg(long, value_name = "TYPE", default_value = "ext4")]
+    rootfs_type: String,
+    /// Do not attach the virtio entropy device.
+    #[arg(long)]
+    no_rng: bool,
     /// Verbose: VMM log, guest kernel log and boot timings on stderr.
     #[arg(short, long)]
     verbose: bool,
@@ -139,6 +157,19 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         timeout,
         profile_hz: args.profile_guest,
         system_map: args.system_map.clone(),
+        disks: args
+            .disk
+            .iter()
+            .map(|d| DiskConfig::parse(d))
+            .collect::<Result<_, _>>()?,
+        rootfs: match &args.rootfs {
+            Some(r) => Some(RootfsConfig {
+                disk: DiskConfig::parse(r)?,
+                fstype: args.rootfs_type.clone(),
+            }),
+            None => None,
+        },
+        rng: !args.no_rng,
     })
 }
 

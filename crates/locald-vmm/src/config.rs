@@ -76,6 +76,94 @@ pub enum ConsoleConfig {
     Null,
 }
 
+/// How a disk's writes reach the host file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Writes go to the host page cache; a guest FLUSH is an `fdatasync`
+    /// (the guest sees a volatile write cache and flushes when it must).
+    #[default]
+    Writeback,
+    /// Every write is durable before it completes (`O_DSYNC`); FLUSH is
+    /// still honoured.
+    Writethrough,
+    /// Guest FLUSH requests are acknowledged without syncing: fast, and a
+    /// host crash can lose data. For throwaway disks only.
+    Unsafe,
+}
+
+/// One virtio block device backed by a raw image file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image.
+    pub path: PathBuf,
+    /// Expose the disk read-only (guest writes fail with an I/O error).
+    pub read_only: bool,
+    /// Write caching policy.
+    pub cache: CacheMode,
+    /// Serial the guest reads with GET_ID (at most 20 bytes); `None` uses
+    /// the image's file name.
+    pub id: Option<String>,
+}
+
+impl DiskConfig {
+    /// A writable, write-back disk for `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: path.into(),
+            read_only: false,
+            cache: CacheMode::Writeback,
+            id: None,
+        }
+    }
+
+    /// Parses the CLI form `PATH[,ro][,cache=writeback|writethrough|unsafe][,id=SERIAL]`.
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::DiskSpec(spec.to_string(), why);
+        let mut parts = spec.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(bad("the image path is empty".into()));
+        }
+        let mut disk = DiskConfig::new(path);
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => disk.read_only = true,
+                None if opt == "rw" => disk.read_only = false,
+                Some(("cache", v)) => {
+                    disk.cache = match v {
+                        "writeback" => CacheMode::Writeback,
+                        "writethrough" => CacheMode::Writethrough,
+                        "unsafe" => CacheMode::Unsafe,
+                        _ => {
+                            return Err(bad(format!(
+                                "unknown cache mode '{v}' (use writeback, writethrough or unsafe)"
+                            )))
+                        }
+                    }
+                }
+                Some(("id", v)) => disk.id = Some(v.to_string()),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option '{opt}' (use ro, cache=MODE or id=SERIAL)"
+                    )))
+                }
+            }
+        }
+        Ok(disk)
+    }
+}
+
+/// Boot from a disk: the guest init mounts this device as `/` and runs the
+/// command inside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootfsConfig {
+    /// The disk holding the root filesystem; it becomes the guest's first
+    /// disk (`/dev/vda`).
+    pub disk: DiskConfig,
+    /// Filesystem type passed to mount(2).
+    pub fstype: String,
+}
+
 /// What to run in the VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -106,6 +194,13 @@ pub struct VmConfig {
     pub profile_hz: u32,
     /// `System.map` used to symbolise guest RIP samples.
     pub system_map: Option<PathBuf>,
+    /// Virtio block devices, in order (`/dev/vda`, `/dev/vdb`, … after the
+    /// root disk, if any).
+    pub disks: Vec<DiskConfig>,
+    /// Boot into a root filesystem on a disk (default guest init only).
+    pub rootfs: Option<RootfsConfig>,
+    /// Attach a virtio entropy device fed from the host's getrandom.
+    pub rng: bool,
 }
 
 impl Default for VmConfig {
@@ -124,6 +219,9 @@ impl Default for VmConfig {
             timeout: None,
             profile_hz: 0,
             system_map: None,
+            disks: Vec::new(),
+            rootfs: None,
+            rng: true,
         }
     }
 }
@@ -153,8 +251,50 @@ impl VmConfig {
         {
             check_readable_file(p)?;
         }
+        let disks: Vec<&DiskConfig> = self.all_disks().collect();
+        for d in &disks {
+            check_disk(d)?;
+        }
+        let devices = disks.len() + usize::from(self.rng);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices, MAX_VIRTIO_DEVICES));
+        }
         Ok(())
     }
+
+    /// Every disk in guest order: the root disk first, then `disks`.
+    pub fn all_disks(&self) -> impl Iterator<Item = &DiskConfig> {
+        self.rootfs.iter().map(|r| &r.disk).chain(&self.disks)
+    }
+}
+
+/// Most virtio devices one VM can have (one interrupt line each).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Longest GET_ID serial, in bytes (virtio spec).
+pub const DISK_ID_MAX: usize = 20;
+
+fn check_disk(d: &DiskConfig) -> Result<(), ConfigError> {
+    let spec = || d.path.display().to_string();
+    if let Some(id) = &d.id {
+        if id.len() > DISK_ID_MAX {
+            return Err(ConfigError::DiskSpec(
+                spec(),
+                format!("id '{id}' is longer than {DISK_ID_MAX} bytes"),
+            ));
+        }
+    }
+    let meta = std::fs::metadata(&d.path).map_err(|err| ConfigError::File {
+        path: d.path.clone(),
+        err,
+    })?;
+    use std::os::unix::fs::FileTypeExt;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(ConfigError::DiskSpec(
+            spec(),
+            "not a regular file or block device".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn check_readable_file(path: &PathBuf) -> Result<(), ConfigError> {
@@ -204,6 +344,51 @@ pub fn parse_memory_size(s: &str) -> Result<u64, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_specs_parse() {
+        let d = DiskConfig::parse("/tmp/a.img").unwrap();
+        assert_eq!(d, DiskConfig::new("/tmp/a.img"));
+        let d = DiskConfig::parse("a.img,ro,cache=unsafe,id=data").unwrap();
+        assert!(d.read_only);
+        assert_eq!(d.cache, CacheMode::Unsafe);
+        assert_eq!(d.id.as_deref(), Some("data"));
+        assert_eq!(
+            DiskConfig::parse("a,cache=writethrough").unwrap().cache,
+            CacheMode::Writethrough
+        );
+        for bad in ["", ",ro", "a,bogus", "a,cache=none", "a,ro=1"] {
+            assert!(
+                matches!(DiskConfig::parse(bad), Err(ConfigError::DiskSpec(..))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn disk_validation() {
+        let dir = std::env::temp_dir().join(format!("locald-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("d.img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let mut c = VmConfig {
+            disks: vec![DiskConfig::new(&img)],
+            ..Default::default()
+        };
+        assert!(c.validate().is_ok());
+        c.disks[0].id = Some("x".repeat(21));
+        assert!(matches!(c.validate(), Err(ConfigError::DiskSpec(..))));
+        c.disks = vec![DiskConfig::new(dir.join("missing.img"))];
+        assert!(matches!(c.validate(), Err(ConfigError::File { .. })));
+        c.disks = vec![DiskConfig::new(&dir)];
+        assert!(matches!(c.validate(), Err(ConfigError::DiskSpec(..))));
+        c.disks = vec![DiskConfig::new(&img); MAX_VIRTIO_DEVICES];
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::TooManyDevices(20, MAX_VIRTIO_DEVICES))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn memory_sizes_parse() {

@@ -22,6 +22,14 @@ pub enum ConfigError {
     File { path: PathBuf, err: std::io::Error },
     #[error("{} is not a regular file", .0.display())]
     NotAFile(PathBuf),
+    #[error(
+        "a command or --rootfs needs the guest init: use the default initramfs or give no --kernel"
+    )]
+    NeedsGuestInit,
+    #[error("invalid disk '{0}': {1}")]
+    DiskSpec(String, String),
+    #[error("too many virtio devices ({0}); at most {1} fit")]
+    TooManyDevices(usize, usize),
 }
 
 /// Problems loading the kernel, initrd and boot structures into guest memory.

@@ -23,7 +23,9 @@ mod tests;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::{ConsoleConfig, CpuCompat, SharedBuffer, VmConfig};
+pub use config::{
+    CacheMode, ConsoleConfig, CpuCompat, DiskConfig, RootfsConfig, SharedBuffer, VmConfig,
+};
 pub use devices::control::Marker;
 pub use devices::ExitStatus;
 pub use error::{BootError, ConfigError, Error};
@@ -67,6 +69,39 @@ pub fn compat_cmdline(keep: &str) -> String {
     } else {
         format!("clearcpuid={} {COMPAT_CMDLINE}", clear.join(","))
     }
+}
+
+/// Guest name of the `index`th virtio disk: `vda`, `vdb`, … `vdz`, `vdaa`.
+pub fn disk_name(index: usize) -> String {
+    let mut suffix = Vec::new();
+    let mut n = index;
+    loop {
+        suffix.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8_lossy(&suffix))
+}
+
+/// The virtio devices `config` asks for, in guest order: disks (root
+/// first), then the entropy device. Opening a disk takes its lock, so a
+/// disk another VM uses fails here.
+#[cfg(target_os = "linux")]
+fn virtio_devices(config: &VmConfig) -> Result<Vec<kvm::VirtioSpec>, Error> {
+    let mut out = Vec::new();
+    if config.all_disks().next().is_some() {
+        return Err(Error::Device("virtio-blk is not available yet".into()));
+    }
+    if config.rng {
+        out.push(kvm::VirtioSpec {
+            name: "virtio-rng".into(),
+            device: Box::new(devices::virtio::rng::Rng::new()),
+        });
+    }
+    Ok(out)
 }
 
 /// A configured virtual machine, ready to run once.
@@ -121,15 +156,24 @@ impl VirtualMachine {
             }
             None => None,
         };
-        if let (Some(argv), Some((_, bytes))) = (&config.command, initrd.as_mut()) {
+        let root = config.rootfs.as_ref().map(|r| assets::GuestRoot {
+            device: "/dev/vda".into(),
+            fstype: r.fstype.clone(),
+            read_only: r.disk.read_only,
+        });
+        if config.command.is_some() || root.is_some() {
+            let Some((_, bytes)) = initrd.as_mut() else {
+                return Err(ConfigError::NeedsGuestInit.into());
+            };
             // newc archives concatenate: the command spec rides after the base image.
             while bytes.len() % 4 != 0 {
                 bytes.push(0);
             }
             bytes.extend_from_slice(&assets::command_archive(&assets::GuestCommand {
-                argv: argv.clone(),
+                argv: config.command.clone().unwrap_or_default(),
                 env: config.env.clone(),
                 workdir: config.workdir.clone(),
+                root,
             }));
         }
         let mut cmdline = BASE_CMDLINE.to_string();
@@ -162,8 +206,9 @@ impl VirtualMachine {
             ConsoleConfig::Buffer { output, .. } => ConsoleSink::Buffer(output.clone()),
             ConsoleConfig::Null => ConsoleSink::Null,
         };
+        let virtio = virtio_devices(&config)?;
         let control = Arc::new(VmControl::new());
-        let backend = kvm::KvmVm::new(&spec, control.clone(), sink)?;
+        let backend = kvm::KvmVm::new(&spec, virtio, control.clone(), sink)?;
         if let ConsoleConfig::Buffer { input, .. } = &config.console {
             backend
                 .serial()

@@ -15,3 +15,15 @@ fn compat_cmdline_clears_features_unless_kept() {
     let none = compat_cmdline(&COMPAT_CLEARCPUID.join(","));
     assert_eq!(none, COMPAT_CMDLINE);
 }
+
+#[test]
+fn disk_names_follow_linux() {
+    let names: Vec<String> = [0, 1, 25, 26, 27, 51, 52, 701, 702]
+        .into_iter()
+        .map(disk_name)
+        .collect();
+    assert_eq!(
+        names,
+        ["vda", "vdb", "vdz", "vdaa", "vdab", "vdaz", "vdba", "vdzz", "vdaaa"]
+    );
+}

@@ -712,6 +712,20 @@ pub struct GuestCommand {
     pub env: Vec<(String, String)>,
     /// Working directory (created if missing).
     pub workdir: Option<String>,
+    /// Root filesystem to switch to before running the command.
+    pub root: Option<GuestRoot>,
+}
+
+/// A disk the guest init mounts as `/` (written to `/.locald/root` as
+/// `DEVICE\0FSTYPE\0MODE\0`, MODE `rw` or `ro`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestRoot {
+    /// Guest device node, e.g. `/dev/vda`.
+    pub device: String,
+    /// Filesystem type for mount(2).
+    pub fstype: String,
+    /// Mount read-only.
+    pub read_only: bool,
 }
 
 /// Bytes of `s` up to its first NUL (the spec format cannot carry NUL,
@@ -753,6 +767,15 @@ pub fn command_archive(cmd: &GuestCommand) -> Vec<u8> {
         }
         if let Some(w) = &cmd.workdir {
             b.file(".locald/workdir", 0o644, until_nul(w))?;
+        }
+        if let Some(r) = &cmd.root {
+            let mut spec = Vec::new();
+            for field in [&r.device, &r.fstype] {
+                spec.extend_from_slice(until_nul(field));
+                spec.push(0);
+            }
+            spec.extend_from_slice(if r.read_only { b"ro\0" } else { b"rw\0" });
+            b.file(".locald/root", 0o644, &spec)?;
         }
         Ok(())
     };

@@ -201,6 +201,11 @@ fn command_archive_round_trip() {
             ("EMPTY".into(), String::new()),
         ],
         workdir: Some("/srv/app".into()),
+        root: Some(GuestRoot {
+            device: "/dev/vda".into(),
+            fstype: "ext4".into(),
+            read_only: true,
+        }),
     };
     let a = command_archive(&cmd);
     assert_eq!(a.len() % 4, 0);
@@ -209,6 +214,7 @@ fn command_archive_round_trip() {
     assert_eq!(get(".locald/argv"), b"echo\0hello world\0\0a'b\"c$d\n\0");
     assert_eq!(get(".locald/env"), b"FOO=bar=baz\0EMPTY=\0");
     assert_eq!(get(".locald/workdir"), b"/srv/app");
+    assert_eq!(get(".locald/root"), b"/dev/vda\0ext4\0ro\0");
 
     // Independent check with the host cpio.
     let dir = temp_dir("cmd");

@@ -12,6 +12,7 @@ pub mod control;
 pub mod exit_port;
 pub mod legacy;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use control::{ExitStatus, Outcome, VmControl};

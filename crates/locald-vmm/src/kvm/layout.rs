@@ -37,6 +37,14 @@ pub const HIMEM: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the MMIO hole.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// First virtio-mmio device window; one window of
+/// [`crate::devices::virtio::mmio::MMIO_WINDOW`] bytes per device follows.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// GSI (IOAPIC pin) of the first virtio device; COM1 has 4, pins up to 23
+/// exist.
+pub const VIRTIO_GSI_BASE: u32 = 5;
+/// Highest GSI the in-kernel IOAPIC has (24 pins).
+pub const IOAPIC_MAX_GSI: u32 = 23;
 /// IOAPIC base.
 pub const IOAPIC: u64 = 0xfec0_0000;
 /// Local APIC base.

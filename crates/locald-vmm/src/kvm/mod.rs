@@ -22,7 +22,7 @@ use std::time::Duration;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
@@ -32,6 +32,8 @@ use crate::devices::legacy::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{
     ConsoleSink, ConsoleWriter, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN,
 };
+use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, ExitStatus, Outcome, VmControl};
 use crate::error::{BootError, Error};
 use vcpu::{SampleFlag, VcpuShared};
@@ -51,6 +53,53 @@ pub struct BootSpec {
     /// CPU features hidden from the guest (empty unless the software-KVM
     /// compatibility path is on).
     pub masked: Vec<cpuid::Masked>,
+}
+
+/// A virtio device to place on the MMIO bus, with a name for logs.
+pub struct VirtioSpec {
+    /// Short name used in logs and thread names (e.g. `virtio-blk vda`).
+    pub name: String,
+    /// The device.
+    pub device: Box<dyn VirtioDevice>,
+}
+
+/// Places the virtio devices in MMIO windows with one GSI each, wires
+/// their interrupts (irqfd) and queue notifications (ioeventfd), and
+/// returns the `virtio_mmio.device=` command-line text announcing them.
+fn attach_virtio(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio_bus: &mut Bus,
+    devices: Vec<VirtioSpec>,
+) -> Result<String, Error> {
+    let mut cmdline = String::new();
+    for (i, spec) in devices.into_iter().enumerate() {
+        let base = layout::VIRTIO_MMIO_BASE + i as u64 * mmio::MMIO_WINDOW;
+        let gsi = layout::VIRTIO_GSI_BASE + i as u32;
+        if gsi > layout::IOAPIC_MAX_GSI {
+            return Err(Error::Device(format!(
+                "too many virtio devices: no interrupt line left for {}",
+                spec.name
+            )));
+        }
+        let irq = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm.register_irqfd(&irq, gsi)
+            .map_err(Error::kvm("KVM_IRQFD (virtio)"))?;
+        let transport = MmioTransport::new(spec.device, spec.name, mem.clone(), irq)?;
+        for (q, evt) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + mmio::reg::QUEUE_NOTIFY),
+                q as u32,
+            )
+            .map_err(Error::kvm("KVM_IOEVENTFD (virtio queue notify)"))?;
+        }
+        mmio_bus
+            .insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_WINDOW)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+    }
+    Ok(cmdline)
 }
 
 /// A created, not yet running, KVM virtual machine.
@@ -73,7 +122,12 @@ fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, Error> {
 
 impl KvmVm {
     /// Opens KVM, builds the VM and loads the guest.
-    pub fn new(spec: &BootSpec, control: Arc<VmControl>, sink: ConsoleSink) -> Result<Self, Error> {
+    pub fn new(
+        spec: &BootSpec,
+        virtio: Vec<VirtioSpec>,
+        control: Arc<VmControl>,
+        sink: ConsoleSink,
+    ) -> Result<Self, Error> {
         let kvm =
             Kvm::new().map_err(|e| Error::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
         let max = kvm.get_max_vcpus();
@@ -130,6 +184,10 @@ impl KvmVm {
         )
         .map_err(dev_err)?;
 
+        // Virtio devices on the MMIO bus, announced on the command line.
+        let mut mmio_bus = Bus::new();
+        let cmdline = spec.cmdline.clone() + &attach_virtio(&vm, &mem, &mut mmio_bus, virtio)?;
+
         // Guest image and boot structures.
         let mem_bytes = spec.memory_mib << 20;
         let kernel = boot::load_kernel(&mem, &spec.kernel)?;
@@ -137,7 +195,7 @@ impl KvmVm {
             Some((name, data)) => Some(boot::load_initrd(&mem, mem_bytes, &kernel, name, data)?),
             None => None,
         };
-        boot::write_boot_info(&mem, mem_bytes, &kernel, &spec.cmdline, initrd)?;
+        boot::write_boot_info(&mem, mem_bytes, &kernel, &cmdline, initrd)?;
         regs::write_boot_tables(&mem, kernel.entry.mode)
             .map_err(|e| BootError::Setup(format!("page tables: {e}")))?;
         mptable::write(&mem, spec.vcpus).map_err(|e| BootError::Setup(format!("MP table: {e}")))?;
@@ -164,7 +222,7 @@ impl KvmVm {
             vcpus,
             shared: Arc::new(VcpuShared {
                 pio,
-                mmio: Bus::new(),
+                mmio: mmio_bus,
                 control,
                 mem,
                 samples: Mutex::new(Vec::new()),
