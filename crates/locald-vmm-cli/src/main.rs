@@ -39,6 +39,10 @@ enum Command {
     /// Build (or find in the cache) the default guest kernel and initramfs,
     /// and print where they are. `run` does this on first use anyway.
     Prepare,
+    /// Build an ext4 root-filesystem image for `run --rootfs` from a
+    /// directory (with mkfs.ext4 -d; no root needed). The default guest's
+    /// static busybox is added unless --no-busybox.
+    Mkrootfs(MkrootfsArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -98,6 +102,34 @@ struct RunArgs {
     /// Command and arguments to run in the guest (after `--`).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct MkrootfsArgs {
+    /// Directory whose contents become the guest's `/` (default: empty).
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
+    /// Image size (sparse): MiB, or with a suffix M or G.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    size: String,
+    /// Do not add busybox and its applet links.
+    #[arg(long)]
+    no_busybox: bool,
+    /// Image file to write (replaced if it exists).
+    image: PathBuf,
+}
+
+fn mkrootfs(args: &MkrootfsArgs) -> anyhow::Result<()> {
+    let size_mib = config::parse_memory_size(&args.size)
+        .map_err(|_| anyhow::anyhow!("invalid --size '{}': use e.g. 256M or 1G", args.size))?;
+    locald_vmm::assets::build_rootfs(&locald_vmm::assets::RootfsImage {
+        source: args.from.clone(),
+        image: args.image.clone(),
+        size_mib,
+        busybox: !args.no_busybox,
+    })?;
+    println!("{}", args.image.display());
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -238,6 +270,15 @@ fn main() -> ExitCode {
     };
     let args = match cli.command {
         Command::Run(args) => *args,
+        Command::Mkrootfs(a) => {
+            return match mkrootfs(&a) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("locald-vmm: error: {e:#}");
+                    ExitCode::from(VMM_ERROR)
+                }
+            }
+        }
         Command::Prepare => {
             return match prepare() {
                 Ok(()) => ExitCode::SUCCESS,

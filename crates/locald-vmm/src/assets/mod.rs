@@ -30,6 +30,9 @@ use thiserror::Error;
 
 use crate::cpio::{CpioBuilder, CpioError};
 
+mod rootfs;
+pub use rootfs::{build_rootfs, RootfsImage};
+
 include!(concat!(env!("OUT_DIR"), "/kernel_inputs.rs"));
 
 /// The guest init (`crates/guest-init`), statically linked, built by build.rs.
