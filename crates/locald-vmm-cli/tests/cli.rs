@@ -346,3 +346,71 @@ fn bzimage_via_cli() {
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     assert!(o.stdout.starts_with("bzimage ok"), "stdout:\n{}", o.stdout);
 }
+
+#[test]
+fn missing_disk_image() {
+    let k = guest("pvh_exit0");
+    let path = "/nonexistent/locald-test/disk.img";
+    assert_clean_error(
+        &["run", "--kernel", k.to_str().unwrap(), "--disk", path],
+        path,
+    );
+}
+
+#[test]
+fn disk_bad_option() {
+    let k = guest("pvh_exit0");
+    let img = scratch("bad-option.img", &[0u8; 4096]);
+    let spec = format!("{},cache=bogus", img.display());
+    assert_clean_error(
+        &["run", "--kernel", k.to_str().unwrap(), "--disk", &spec],
+        "cache mode",
+    );
+    let spec = format!("{},frobnicate", img.display());
+    assert_clean_error(
+        &["run", "--kernel", k.to_str().unwrap(), "--disk", &spec],
+        "frobnicate",
+    );
+}
+
+#[test]
+fn disk_is_a_directory() {
+    let k = guest("pvh_exit0");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    assert_clean_error(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--disk",
+            dir.to_str().unwrap(),
+        ],
+        "not a regular file",
+    );
+}
+
+#[test]
+fn rootfs_needs_the_guest_init() {
+    let k = guest("pvh_exit0");
+    let img = scratch("rootfs-no-init.img", &[0u8; 4096]);
+    assert_clean_error(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--rootfs",
+            img.to_str().unwrap(),
+        ],
+        "guest init",
+    );
+}
+
+#[test]
+fn mkrootfs_bad_input() {
+    assert_clean_error(
+        &["mkrootfs", "--from", "/nonexistent/locald-src", "/tmp/never-written.img"],
+        "/nonexistent/locald-src",
+    );
+    assert!(!Path::new("/tmp/never-written.img").exists());
+    assert_clean_error(&["mkrootfs", "--size", "lots", "/tmp/x.img"], "--size");
+}
