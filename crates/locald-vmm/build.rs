@@ -34,6 +34,8 @@ fn build_init(root: &Path, out_dir: &Path) {
     for p in [
         init_dir.join("src"),
         init_dir.join("Cargo.toml"),
+        root.join("crates/agent-proto/src"),
+        root.join("crates/agent-proto/Cargo.toml"),
         root.join("Cargo.toml"),
         root.join("Cargo.lock"),
     ] {
