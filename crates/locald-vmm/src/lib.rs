@@ -8,6 +8,7 @@
 //! The platform seam is this whole-VM type: on Linux it drives `/dev/kvm`
 //! through the [`kvm`] backend; a macOS backend will bring its own devices.
 
+pub mod agent;
 pub mod assets;
 pub mod config;
 pub mod console;
