@@ -72,8 +72,22 @@ pub enum ConsoleConfig {
         /// Everything the guest writes to its console.
         output: SharedBuffer,
     },
+    /// Output to our stderr (e.g. the kernel log next to a command's
+    /// output), no input.
+    Stderr,
     /// Output discarded, no input.
     Null,
+}
+
+/// A virtio socket device whose host side is a Unix socket (Firecracker's
+/// hybrid vsock: guest connections to host port P reach `<uds_path>_P`;
+/// host clients connect to `uds_path` and send `CONNECT <port>\n`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// Host socket path.
+    pub uds_path: PathBuf,
 }
 
 /// How a disk's writes reach the host file.
@@ -201,6 +215,16 @@ pub struct VmConfig {
     pub rootfs: Option<RootfsConfig>,
     /// Attach a virtio entropy device fed from the host's getrandom.
     pub rng: bool,
+    /// Attach a vsock device. With `agent`, a private socket is made when
+    /// this is `None`.
+    pub vsock: Option<VsockConfig>,
+    /// Agent mode (default guest init only): the init starts the guest
+    /// agent instead of running `command`; commands then run through
+    /// [`crate::RunningVm::exec`], with separate stdout/stderr and exit
+    /// codes.
+    pub agent: bool,
+    /// How long [`crate::RunningVm::wait_ready`] waits for the agent.
+    pub agent_timeout: Duration,
 }
 
 impl Default for VmConfig {
@@ -222,6 +246,9 @@ impl Default for VmConfig {
             disks: Vec::new(),
             rootfs: None,
             rng: true,
+            vsock: None,
+            agent: false,
+            agent_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -255,7 +282,13 @@ impl VmConfig {
         for d in &disks {
             check_disk(d)?;
         }
-        let devices = disks.len() + usize::from(self.rng);
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX - 1) {
+                return Err(ConfigError::VsockCid(v.guest_cid));
+            }
+        }
+        let devices =
+            disks.len() + usize::from(self.rng) + usize::from(self.vsock.is_some() || self.agent);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices, MAX_VIRTIO_DEVICES));
         }

@@ -26,6 +26,8 @@ pub enum ConfigError {
         "a command or --rootfs needs the guest init: use the default initramfs or give no --kernel"
     )]
     NeedsGuestInit,
+    #[error("vsock guest CID {0} is invalid: it must be between 3 and 4294967294")]
+    VsockCid(u64),
     #[error("invalid disk '{0}': {1}")]
     DiskSpec(String, String),
     #[error("too many virtio devices ({0}); at most {1} fit")]
@@ -78,6 +80,8 @@ pub enum Error {
     Device(String),
     #[error("the VM failed: {0}")]
     Run(String),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -21,6 +21,7 @@ pub mod profile;
 #[cfg(test)]
 mod tests;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,6 +97,10 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<kvm::VirtioSpec>, Error> {
     if config.all_disks().next().is_some() {
         return Err(Error::Device("virtio-blk is not available yet".into()));
     }
+    if config.vsock.is_some() {
+        // PENDING-VSOCK
+        return Err(Error::Device("virtio-vsock is not available yet".into()));
+    }
     if config.rng {
         out.push(kvm::VirtioSpec {
             name: "virtio-rng".into(),
@@ -116,6 +121,50 @@ pub struct VirtualMachine {
     system_map: Option<std::path::PathBuf>,
     compat: bool,
     ran: bool,
+    vsock_path: Option<PathBuf>,
+    ready: Option<agent::ReadyListener>,
+    agent_timeout: Duration,
+    // Dropped last: the sockets inside it go first.
+    _runtime_dir: Option<RuntimeDir>,
+}
+
+/// A private directory for a VM's sockets, removed when the VM is dropped:
+/// `$XDG_RUNTIME_DIR/locald-vmm/vm-<pid>-<n>` or
+/// `/tmp/locald-vmm-<uid>/vm-<pid>-<n>` (mode 0700).
+struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    fn new() -> Result<Self, Error> {
+        use std::os::unix::fs::DirBuilderExt;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let base = runtime_base();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&base)?;
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!("vm-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(RuntimeDir(dir))
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Where per-VM sockets live: `$XDG_RUNTIME_DIR/locald-vmm`, else
+/// `/tmp/locald-vmm-<uid>`. Kept short: Unix socket paths are limited to
+/// 107 bytes.
+pub fn runtime_base() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("locald-vmm"),
+        // SAFETY: getuid has no preconditions and cannot fail.
+        _ => PathBuf::from(format!("/tmp/locald-vmm-{}", unsafe { libc::getuid() })),
+    }
 }
 
 impl VirtualMachine {
@@ -162,7 +211,7 @@ impl VirtualMachine {
             fstype: r.fstype.clone(),
             read_only: r.disk.read_only,
         });
-        if config.command.is_some() || root.is_some() {
+        if config.command.is_some() || root.is_some() || config.agent {
             let Some((_, bytes)) = initrd.as_mut() else {
                 return Err(ConfigError::NeedsGuestInit.into());
             };
@@ -175,6 +224,7 @@ impl VirtualMachine {
                 env: config.env.clone(),
                 workdir: config.workdir.clone(),
                 root,
+                agent: config.agent,
             }));
         }
         let mut cmdline = BASE_CMDLINE.to_string();
@@ -205,7 +255,24 @@ impl VirtualMachine {
         let sink = match &config.console {
             ConsoleConfig::Stdio => ConsoleSink::Stdout,
             ConsoleConfig::Buffer { output, .. } => ConsoleSink::Buffer(output.clone()),
+            ConsoleConfig::Stderr => ConsoleSink::Stderr,
             ConsoleConfig::Null => ConsoleSink::Null,
+        };
+        // Agent mode needs a vsock device; without an explicit socket the
+        // VM gets a private one in a runtime directory removed with it.
+        let mut runtime_dir = None;
+        let mut config = config;
+        if config.agent && config.vsock.is_none() {
+            let dir = RuntimeDir::new()?;
+            config.vsock = Some(config::VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.0.join("vsock.sock"),
+            });
+            runtime_dir = Some(dir);
+        }
+        let ready = match (&config.vsock, config.agent) {
+            (Some(v), true) => Some(agent::ReadyListener::bind(&v.uds_path)?),
+            _ => None,
         };
         let virtio = virtio_devices(&config)?;
         let control = Arc::new(VmControl::new());
@@ -226,6 +293,37 @@ impl VirtualMachine {
             system_map,
             compat,
             ran: false,
+            vsock_path: config.vsock.as_ref().map(|v| v.uds_path.clone()),
+            ready,
+            agent_timeout: config.agent_timeout,
+            _runtime_dir: runtime_dir,
+        })
+    }
+
+    /// The host socket of the VM's vsock device, if it has one.
+    pub fn vsock_path(&self) -> Option<&Path> {
+        self.vsock_path.as_deref()
+    }
+
+    /// Starts the VM on a background thread ("vm"), for agent mode: the
+    /// caller then waits for the agent, runs commands and stops the VM.
+    pub fn spawn(mut self) -> Result<RunningVm, Error> {
+        let ready = self.ready.take();
+        let vsock = self.vsock_path.clone();
+        let control = self.control.clone();
+        let agent_timeout = self.agent_timeout;
+        let thread = std::thread::Builder::new()
+            .name("vm".into())
+            .spawn(move || {
+                let r = self.run();
+                (r, self)
+            })?;
+        Ok(RunningVm {
+            thread: Some(thread),
+            control,
+            ready,
+            vsock,
+            agent_timeout,
         })
     }
 
@@ -266,5 +364,100 @@ impl VirtualMachine {
     /// Whether the software-KVM compatibility path is on for this VM.
     pub fn cpu_compat(&self) -> bool {
         self.compat
+    }
+}
+
+type VmThread = std::thread::JoinHandle<(Result<ExitStatus, Error>, VirtualMachine)>;
+
+/// A VM running on a background thread (see [`VirtualMachine::spawn`]).
+/// Dropping it stops the VM at once.
+pub struct RunningVm {
+    thread: Option<VmThread>,
+    control: Arc<VmControl>,
+    ready: Option<agent::ReadyListener>,
+    vsock: Option<PathBuf>,
+    agent_timeout: Duration,
+}
+
+impl RunningVm {
+    /// Waits until the guest agent is ready to run commands (agent mode).
+    pub fn wait_ready(&mut self) -> Result<(), Error> {
+        let Some(ready) = self.ready.take() else {
+            return Ok(());
+        };
+        let control = self.control.clone();
+        ready
+            .wait(self.agent_timeout, || control.status().is_none())
+            .map_err(|e| match self.control.status() {
+                Some(status) => Error::Run(format!(
+                    "the VM ended ({status:?}) before its agent was ready"
+                )),
+                None => e.into(),
+            })
+    }
+
+    /// The vsock device's host socket.
+    pub fn vsock_path(&self) -> Option<&Path> {
+        self.vsock.as_deref()
+    }
+
+    /// Runs a command through the guest agent and relays its streams.
+    pub fn exec(
+        &self,
+        req: agent::ExecRequest,
+        io: agent::ExecIo<'_>,
+        on_start: impl FnOnce(agent::ExecHandle),
+    ) -> Result<agent::ExecOutcome, Error> {
+        let uds = self
+            .vsock
+            .as_deref()
+            .ok_or_else(|| Error::Device("this VM has no vsock device".into()))?;
+        Ok(agent::exec(uds, req, io, on_start)?)
+    }
+
+    /// Whether the VM is still running.
+    pub fn is_running(&self) -> bool {
+        self.control.status().is_none()
+    }
+
+    /// Stops the guest: asks the agent for a clean poweroff (disks synced
+    /// and unmounted), waits up to `grace`, then stops the vCPUs.
+    pub fn stop(mut self, grace: Duration) -> Result<ExitStatus, Error> {
+        if self.is_running() {
+            if let Some(uds) = &self.vsock {
+                if let Err(e) = agent::request_shutdown(uds) {
+                    tracing::warn!("clean shutdown request failed ({e}); stopping the VM");
+                }
+            }
+            if self.control.wait(Some(grace)).is_none() {
+                tracing::warn!("the guest did not power off within {grace:?}; stopping it");
+                self.control.request_stop(ExitStatus::PowerOff);
+            }
+        }
+        self.join()
+    }
+
+    /// Waits for the VM to end on its own.
+    pub fn wait(mut self) -> Result<ExitStatus, Error> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<ExitStatus, Error> {
+        let Some(t) = self.thread.take() else {
+            return Err(Error::Run("the VM thread is gone".into()));
+        };
+        match t.join() {
+            Ok((r, _vm)) => r,
+            Err(_) => Err(Error::Run("the VM thread panicked".into())),
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.control.request_stop(ExitStatus::PowerOff);
+            let _ = self.join();
+        }
     }
 }

@@ -717,6 +717,9 @@ pub struct GuestCommand {
     pub workdir: Option<String>,
     /// Root filesystem to switch to before running the command.
     pub root: Option<GuestRoot>,
+    /// Agent mode: the init starts the guest agent (`/.locald/agent`)
+    /// instead of running `argv`.
+    pub agent: bool,
 }
 
 /// A disk the guest init mounts as `/` (written to `/.locald/root` as
@@ -770,6 +773,9 @@ pub fn command_archive(cmd: &GuestCommand) -> Vec<u8> {
         }
         if let Some(w) = &cmd.workdir {
             b.file(".locald/workdir", 0o644, until_nul(w))?;
+        }
+        if cmd.agent {
+            b.file(".locald/agent", 0o644, b"1\n")?;
         }
         if let Some(r) = &cmd.root {
             let mut spec = Vec::new();

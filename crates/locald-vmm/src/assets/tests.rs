@@ -206,6 +206,7 @@ fn command_archive_round_trip() {
             fstype: "ext4".into(),
             read_only: true,
         }),
+        agent: true,
     };
     let a = command_archive(&cmd);
     assert_eq!(a.len() % 4, 0);
@@ -215,6 +216,7 @@ fn command_archive_round_trip() {
     assert_eq!(get(".locald/env"), b"FOO=bar=baz\0EMPTY=\0");
     assert_eq!(get(".locald/workdir"), b"/srv/app");
     assert_eq!(get(".locald/root"), b"/dev/vda\0ext4\0ro\0");
+    assert_eq!(get(".locald/agent"), b"1\n");
 
     // Independent check with the host cpio.
     let dir = temp_dir("cmd");

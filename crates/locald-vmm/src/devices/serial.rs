@@ -39,6 +39,8 @@ impl Trigger for EventFdTrigger {
 pub enum ConsoleSink {
     /// Our standard output, unbuffered.
     Stdout,
+    /// Our standard error, unbuffered.
+    Stderr,
     /// A shared in-memory buffer.
     Buffer(SharedBuffer),
     /// Discarded.
@@ -83,6 +85,7 @@ impl Write for ConsoleWriter {
         self.watch(buf);
         match &mut self.sink {
             ConsoleSink::Stdout => write_fd(1, buf),
+            ConsoleSink::Stderr => write_fd(2, buf),
             ConsoleSink::Buffer(b) => b.write(buf),
             ConsoleSink::Null => Ok(buf.len()),
         }
