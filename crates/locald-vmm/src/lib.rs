@@ -15,6 +15,7 @@ pub mod console;
 pub mod cpio;
 pub mod devices;
 pub mod error;
+pub mod instance;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod profile;
