@@ -19,6 +19,7 @@
 pub mod block;
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 use std::collections::HashSet;
@@ -34,6 +35,8 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     /// Entropy source.
     pub const RNG: u32 = 4;
+    /// Socket device (vsock).
+    pub const VSOCK: u32 = 19;
 }
 
 /// VIRTIO_F_VERSION_1: the modern interface (we offer nothing else).

@@ -11,6 +11,11 @@
 //! [`Worker::stop`] signals a stop eventfd and joins the thread, so once it
 //! returns the device touches guest memory no more; it hands the handler
 //! back so the device can keep state across resets if it wants.
+//!
+//! A device that also waits on host file descriptors (sockets, timers)
+//! registers them from [`QueueHandler::init`] with data tokens in
+//! [`HANDLER_TOKENS`]; their events reach [`QueueHandler::process_event`].
+//! Both methods have no-op defaults, so queue-only devices ignore them.
 
 use std::os::fd::AsRawFd;
 use std::thread::JoinHandle;
@@ -23,7 +28,20 @@ use vmm_sys_util::eventfd::EventFd;
 pub trait QueueHandler: Send + 'static {
     /// Queue `index` was notified (possibly several times): process it.
     fn process_queue(&mut self, index: usize);
+
+    /// Called once on the worker thread before the loop starts, after the
+    /// queue and stop eventfds are registered: register extra file
+    /// descriptors here, with data tokens in [`HANDLER_TOKENS`].
+    fn init(&mut self, _ops: &mut EventOps) {}
+
+    /// An event on a descriptor the handler registered (its token is in
+    /// [`HANDLER_TOKENS`]). `ops` may add, modify or remove registrations.
+    fn process_event(&mut self, _events: Events, _ops: &mut EventOps) {}
 }
+
+/// Data tokens a handler may use for its own registrations: above every
+/// queue index, below the worker's stop token.
+pub const HANDLER_TOKENS: std::ops::Range<u32> = (1 << 16)..STOP_TOKEN;
 
 const STOP_TOKEN: u32 = u32::MAX;
 
@@ -35,11 +53,15 @@ struct Subscriber<H> {
 }
 
 impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         let token = events.data();
         if token == STOP_TOKEN {
             let _ = self.stop.read();
             self.stopped = true;
+            return;
+        }
+        if HANDLER_TOKENS.contains(&token) {
+            self.handler.process_event(events, ops);
             return;
         }
         let index = token as usize;
@@ -63,6 +85,7 @@ impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
         if let Err(e) = ops.add(Events::with_data(&self.stop, STOP_TOKEN, EventSet::IN)) {
             tracing::error!("worker: cannot watch the stop event: {e:?}");
         }
+        self.handler.init(ops);
     }
 }
 
@@ -157,5 +180,47 @@ mod tests {
         assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), Ok(0));
         let h = w.stop().expect("handler back");
         assert_eq!(h.1, 2);
+    }
+
+    /// A handler that watches one extra eventfd through the optional hooks.
+    struct Extra {
+        fd: EventFd,
+        tx: mpsc::Sender<&'static str>,
+    }
+    impl QueueHandler for Extra {
+        fn process_queue(&mut self, _index: usize) {
+            self.tx.send("queue").unwrap();
+        }
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::with_data(
+                &self.fd,
+                HANDLER_TOKENS.start + 7,
+                EventSet::IN,
+            ))
+            .unwrap();
+        }
+        fn process_event(&mut self, events: Events, _ops: &mut EventOps) {
+            assert_eq!(events.data(), HANDLER_TOKENS.start + 7);
+            let _ = self.fd.read();
+            self.tx.send("extra").unwrap();
+        }
+    }
+
+    #[test]
+    fn handler_registered_fds_reach_process_event() {
+        let q = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let extra = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let h = Extra {
+            fd: extra.try_clone().unwrap(),
+            tx,
+        };
+        let w = Worker::spawn("test worker", vec![q.try_clone().unwrap()], h).unwrap();
+        let wait = || rx.recv_timeout(std::time::Duration::from_secs(5));
+        extra.write(1).unwrap();
+        assert_eq!(wait(), Ok("extra"));
+        q.write(1).unwrap();
+        assert_eq!(wait(), Ok("queue"));
+        assert!(w.stop().is_some());
     }
 }

@@ -1,0 +1,435 @@
+//! virtio-vsock (virtio 1.2, section 5.10; device type 19): stream sockets
+//! between the guest and host programs, with the host side on Unix
+//! sockets in Firecracker's "hybrid" layout (see `docs/vsock.md`):
+//! - guest connects to host port P → we connect to `<uds_path>_P`;
+//! - a host program connects to `<uds_path>` and writes `CONNECT P\n` →
+//!   the guest's port P is asked to accept; on success the program reads
+//!   `OK <host port>\n` and the socket carries the stream.
+//!
+//! Shape, as for every device:
+//! - [`Vsock`] is the device state (guest CID, config space, the muxer
+//!   while inactive) and the [`VirtioDevice`] impl; it runs on the vCPU
+//!   thread that touched the transport.
+//! - [`process_tx`] and [`process_rx`] are the queue work as plain
+//!   functions over a `Queue`, guest memory and a [`Muxer`]
+//!   (unit-tested with mock queues).
+//! - [`VsockHandler`] is the glue the worker thread ("virtio-vsock") runs:
+//!   on queue notifications and on the muxer's host events.
+//! - [`packet`] parses and writes packets, [`connection`] is one stream's
+//!   state machine and flow control, [`connect`] the CONNECT line,
+//!   [`muxer`] the routing and host sockets.
+
+pub mod connect;
+pub mod connection;
+pub mod muxer;
+pub mod packet;
+mod sys;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+
+use super::worker::{QueueHandler, Worker, HANDLER_TOKENS};
+use super::{
+    device_type, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, Warned,
+    COMMON_FEATURES,
+};
+pub use muxer::{Muxer, MuxerConfig};
+use packet::{Desc, MAX_PKT_PAYLOAD};
+
+const DEV: &str = "virtio-vsock";
+
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Queue indices.
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+
+/// Why the device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// CIDs 0-2 and 0xffffffff are reserved; the upper 32 bits must be 0.
+    #[error("guest CID {0} is reserved or out of range (3..=4294967294)")]
+    InvalidCid(u64),
+    /// Another process listens on the socket path.
+    #[error("{}: a process is already listening on this socket", .0.display())]
+    InUse(PathBuf),
+    /// The path exists and is not a socket; we never delete it.
+    #[error("{}: exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    /// Binding the listening socket failed.
+    #[error("cannot listen on {}: {source}", .path.display())]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Creating the muxer's epoll set or timer failed.
+    #[error("vsock event loop setup: {0}")]
+    Setup(std::io::Error),
+}
+
+/// Outcome of one pass over a queue.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Chains completed.
+    pub completed: usize,
+    /// The guest should be interrupted.
+    pub notify: bool,
+    /// The queue is broken; the device needs a reset.
+    pub broken: bool,
+}
+
+fn descs(
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> impl Iterator<Item = Desc> + '_ {
+    chain.map(|d| Desc {
+        addr: d.addr(),
+        len: d.len(),
+        write_only: d.is_write_only(),
+    })
+}
+
+/// Takes every packet the guest transmitted and hands it to the muxer.
+/// `payload` is scratch space (up to [`MAX_PKT_PAYLOAD`] bytes).
+pub fn process_tx(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    muxer: &mut Muxer,
+    warned: &mut Warned,
+    payload: &mut Vec<u8>,
+) -> Pass {
+    let mut pass = Pass::default();
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            warned.warn(DEV, "TX queue unusable", e);
+            pass.broken = true;
+            return pass;
+        }
+        let chains = match queue.iter(mem) {
+            Ok(it) => it.collect::<Vec<_>>(),
+            Err(e) => {
+                warned.warn(DEV, "TX queue unusable", e);
+                pass.broken = true;
+                return pass;
+            }
+        };
+        for chain in chains {
+            let head = chain.head_index();
+            match packet::read_tx_packet(mem, descs(chain), payload) {
+                Ok(hdr) => muxer.send_pkt(&hdr, payload),
+                Err(e) => {
+                    warned.warn(DEV, e.cause(), &e);
+                    if let Some(h) = e.header() {
+                        muxer.reject_pkt(h);
+                    }
+                }
+            }
+            if let Err(e) = queue.add_used(mem, head, 0) {
+                warned.warn(DEV, "used ring write failed", e);
+                pass.broken = true;
+                return pass;
+            }
+            pass.completed += 1;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                warned.warn(DEV, "TX queue unusable", e);
+                pass.broken = true;
+                return pass;
+            }
+        }
+    }
+    if pass.completed > 0 {
+        pass.notify = queue.needs_notification(mem).unwrap_or(true);
+    }
+    pass
+}
+
+/// Fills guest RX buffers with whatever the muxer has for the guest, while
+/// both last. `scratch` must hold [`MAX_PKT_PAYLOAD`] bytes.
+pub fn process_rx(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    muxer: &mut Muxer,
+    warned: &mut Warned,
+    scratch: &mut [u8],
+) -> Pass {
+    let mut pass = Pass::default();
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            warned.warn(DEV, "RX queue unusable", e);
+            pass.broken = true;
+            return pass;
+        }
+        let mut used: Vec<(u16, u32)> = Vec::new();
+        {
+            let mut iter = match queue.iter(mem) {
+                Ok(it) => it,
+                Err(e) => {
+                    warned.warn(DEV, "RX queue unusable", e);
+                    pass.broken = true;
+                    return pass;
+                }
+            };
+            while muxer.has_pending_rx() {
+                let Some(chain) = iter.next() else {
+                    break;
+                };
+                let head = chain.head_index();
+                let ds: Vec<Desc> = descs(chain).collect();
+                let room = match packet::rx_payload_room(mem, &ds) {
+                    Ok(r) => r.min(scratch.len()),
+                    Err(e) => {
+                        warned.warn(DEV, e.cause(), &e);
+                        used.push((head, 0));
+                        continue;
+                    }
+                };
+                let Some((hdr, n)) = muxer.recv_pkt(&mut scratch[..room]) else {
+                    // Nothing after all: give the buffer back to the ring.
+                    iter.go_to_previous_position();
+                    break;
+                };
+                match packet::write_rx_packet(mem, &ds, &hdr, &scratch[..n]) {
+                    Ok(len) => used.push((head, len)),
+                    Err(e) => {
+                        warned.warn(DEV, e.cause(), &e);
+                        used.push((head, 0));
+                    }
+                }
+            }
+        }
+        for (head, len) in used {
+            if let Err(e) = queue.add_used(mem, head, len) {
+                warned.warn(DEV, "used ring write failed", e);
+                pass.broken = true;
+                return pass;
+            }
+            pass.completed += 1;
+        }
+        // Always leave notifications on: the guest must tell us when it
+        // adds buffers, in case more packets come.
+        match queue.enable_notification(mem) {
+            Ok(true) if muxer.has_pending_rx() => continue,
+            Ok(_) => break,
+            Err(e) => {
+                warned.warn(DEV, "RX queue unusable", e);
+                pass.broken = true;
+                return pass;
+            }
+        }
+    }
+    if pass.completed > 0 {
+        pass.notify = queue.needs_notification(mem).unwrap_or(true);
+    }
+    pass
+}
+
+/// Worker-thread glue: the queues, guest memory and the muxer.
+pub struct VsockHandler {
+    mem: GuestMemoryMmap,
+    rxq: Queue,
+    txq: Queue,
+    // Never used: we send no events (no live migration), but keep the
+    // driver's buffers.
+    _evq: Queue,
+    muxer: Muxer,
+    interrupt: Arc<Interrupt>,
+    warned: Warned,
+    broken: bool,
+    payload: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl VsockHandler {
+    fn finish(&mut self, pass: Pass) -> bool {
+        if pass.broken {
+            self.broken = true;
+            self.interrupt.set_needs_reset();
+            return false;
+        }
+        pass.notify
+    }
+
+    fn run_rx(&mut self) -> bool {
+        let pass = process_rx(
+            &mut self.rxq,
+            &self.mem,
+            &mut self.muxer,
+            &mut self.warned,
+            &mut self.scratch,
+        );
+        self.finish(pass)
+    }
+
+    fn run_tx(&mut self) -> bool {
+        let pass = process_tx(
+            &mut self.txq,
+            &self.mem,
+            &mut self.muxer,
+            &mut self.warned,
+            &mut self.payload,
+        );
+        self.finish(pass)
+    }
+}
+
+impl QueueHandler for VsockHandler {
+    fn process_queue(&mut self, index: usize) {
+        if self.broken {
+            return;
+        }
+        let notify = match index {
+            TX_QUEUE => {
+                // TX first: it may produce answers for RX.
+                let t = self.run_tx();
+                let r = !self.broken && self.run_rx();
+                t || r
+            }
+            RX_QUEUE => self.run_rx(),
+            _ => false,
+        };
+        if notify && !self.broken {
+            self.interrupt.signal_used();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.muxer,
+            HANDLER_TOKENS.start,
+            EventSet::IN,
+        )) {
+            tracing::error!("{DEV}: cannot watch host sockets: {e:?}");
+        }
+    }
+
+    fn process_event(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.muxer.process_events();
+        // `run_rx` reports no notification when it broke the queue.
+        if !self.broken && self.run_rx() {
+            self.interrupt.signal_used();
+        }
+    }
+}
+
+/// The vsock device.
+pub struct Vsock {
+    cid: u64,
+    uds_path: PathBuf,
+    cfg: MuxerConfig,
+    muxer: Option<Muxer>,
+    worker: Option<Worker<VsockHandler>>,
+}
+
+impl Vsock {
+    /// A vsock device for a guest with context id `guest_cid`, listening
+    /// for host-initiated connections on the Unix socket `uds_path` (bound
+    /// now: an error if another process listens there; a stale socket file
+    /// is replaced; the file is removed when the device is dropped).
+    /// Guest-initiated connections to port P go to `<uds_path>_P`.
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VsockError> {
+        Self::with_config(guest_cid, uds_path, MuxerConfig::default())
+    }
+
+    /// [`Vsock::new`] with non-default limits.
+    pub fn with_config(
+        guest_cid: u64,
+        uds_path: PathBuf,
+        cfg: MuxerConfig,
+    ) -> Result<Self, VsockError> {
+        if !(3..=0xffff_fffe).contains(&guest_cid) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        let muxer = Muxer::new(guest_cid, uds_path.clone(), cfg)?;
+        Ok(Vsock {
+            cid: guest_cid,
+            uds_path,
+            cfg,
+            muxer: Some(muxer),
+            worker: None,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.cid
+    }
+
+    /// The listening socket's path.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn features(&self) -> u64 {
+        // Stream sockets only (no VIRTIO_VSOCK_F_SEQPACKET).
+        COMMON_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let got = a.queues.len();
+        if got != 3 || a.queue_events.len() != 3 {
+            return Err(ActivateError::QueueCount { expected: 3, got });
+        }
+        let muxer = match self.muxer.take() {
+            Some(m) => m,
+            // The previous worker died with the muxer: listen again.
+            None => Muxer::new(self.cid, self.uds_path.clone(), self.cfg)
+                .map_err(|e| ActivateError::Worker(e.to_string()))?,
+        };
+        let mut queues = a.queues.into_iter();
+        let (Some(rxq), Some(txq), Some(evq)) = (queues.next(), queues.next(), queues.next())
+        else {
+            return Err(ActivateError::QueueCount { expected: 3, got });
+        };
+        let handler = VsockHandler {
+            mem: a.mem,
+            rxq,
+            txq,
+            _evq: evq,
+            muxer,
+            interrupt: a.interrupt,
+            warned: Warned::default(),
+            broken: false,
+            payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
+            scratch: vec![0; MAX_PKT_PAYLOAD],
+        };
+        let worker = Worker::spawn(DEV, a.queue_events, handler)
+            .map_err(|e| ActivateError::Worker(e.to_string()))?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            if let Some(mut h) = w.stop() {
+                h.muxer.reset();
+                self.muxer = Some(h.muxer);
+            }
+        }
+    }
+}
