@@ -15,6 +15,11 @@
 //! and finally [`Frame::Exit`] once the process ended and its output was
 //! sent. [`Frame::Shutdown`] on any agent stream asks the guest to power
 //! off cleanly. Versions: [`VERSION`] is carried in `Exec`.
+//!
+//! Port forwarding: instead of `Exec`, the host may open with
+//! [`Frame::Forward`]; the agent connects to that TCP port on the guest's
+//! loopback and answers `Started(0)` (or `Error` and closes); from then on
+//! the stream carries raw bytes both ways, with half-closes passed on.
 
 use std::io::{self, Read, Write};
 
@@ -81,6 +86,8 @@ pub enum Frame {
     Signal(i32),
     /// host → guest: power the guest off cleanly.
     Shutdown,
+    /// host → guest: connect this stream to guest TCP port 127.0.0.1:N.
+    Forward(u16),
     /// guest → host: the command runs with this pid.
     Started(u32),
     /// guest → host: output on stdout (or the terminal).
@@ -100,6 +107,7 @@ mod ty {
     pub const RESIZE: u8 = 3;
     pub const SIGNAL: u8 = 4;
     pub const SHUTDOWN: u8 = 5;
+    pub const FORWARD: u8 = 6;
     pub const STARTED: u8 = 16;
     pub const STDOUT: u8 = 17;
     pub const STDERR: u8 = 18;
@@ -251,6 +259,10 @@ impl Frame {
                 ty::SIGNAL
             }
             Frame::Shutdown => ty::SHUTDOWN,
+            Frame::Forward(port) => {
+                p.extend_from_slice(&port.to_le_bytes());
+                ty::FORWARD
+            }
             Frame::Started(pid) => {
                 p.extend_from_slice(&pid.to_le_bytes());
                 ty::STARTED
@@ -329,6 +341,7 @@ impl Frame {
             ty::RESIZE => Frame::Resize(c.u16()?, c.u16()?),
             ty::SIGNAL => Frame::Signal(c.i32()?),
             ty::SHUTDOWN => Frame::Shutdown,
+            ty::FORWARD => Frame::Forward(c.u16()?),
             ty::STARTED => Frame::Started(c.u32()?),
             ty::STDOUT => return Ok(Frame::Stdout(payload.to_vec())),
             ty::STDERR => return Ok(Frame::Stderr(payload.to_vec())),
@@ -439,6 +452,7 @@ mod tests {
             Frame::Resize(50, 132),
             Frame::Signal(15),
             Frame::Shutdown,
+            Frame::Forward(8080),
             Frame::Started(42),
             Frame::Stdout(vec![0, 1, 2, 255]),
             Frame::Stderr(b"oops\n".to_vec()),

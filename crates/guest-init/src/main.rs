@@ -7,7 +7,9 @@
 //! console as stdio, reap children until it exits, make the disks' data
 //! durable (`shutdown`), then report its exit code through port `0xf4`,
 //! which ends the VM. Without the port (not under locald-vmm) it falls back
-//! to `reboot(2)`.
+//! to `reboot(2)`. In agent mode (`/.locald/agent`) it starts the vsock
+//! guest agent instead of the command and runs until a power signal
+//! (`agent`, `session`).
 //!
 //! Never panics on purpose; every failure prints `locald-init: <what>: <err>`
 //! and reports exit code 125. A panic hook does the same as a last resort.
@@ -19,13 +21,17 @@
 
 #![cfg_attr(not(test), no_main)]
 
+mod agent;
 mod console;
+mod forward;
 mod mounts;
 mod port;
 mod rootfs;
+mod session;
 mod shutdown;
 mod spawn;
 mod spec;
+mod sys;
 
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -70,6 +76,13 @@ fn init_main() -> libc::c_int {
     port.marker(Marker::UserspaceReached);
     std::panic::set_hook(Box::new(move |info| {
         console::error("panic", info);
+        // SAFETY: getpid has no preconditions.
+        if unsafe { libc::getpid() } != 1 {
+            // A forked agent process (listener, connection handler): only
+            // it dies, the VM goes on.
+            // SAFETY: _exit has no preconditions.
+            unsafe { libc::_exit(CODE_INIT_FAILURE.into()) };
+        }
         power_off(port, CODE_INIT_FAILURE);
     }));
     match run(port) {
@@ -108,6 +121,9 @@ fn run(port: ExitPort) -> Ending {
             );
             return Ending::Exit(CODE_INIT_FAILURE);
         }
+    }
+    if spec.agent {
+        return agent::run(&spec);
     }
 
     let interactive = spec.argv.is_empty();

@@ -11,6 +11,8 @@
 //! - `workdir`: a path; one trailing NUL or newline is stripped; empty means none.
 //! - `root` (optional): boot from a disk, `DEVICE\0FSTYPE\0MODE\0` — see
 //!   [`parse_root`].
+//! - `agent` (optional, content ignored): agent mode — instead of running
+//!   `argv`, init starts the vsock guest agent (`crate::agent`).
 
 use std::ffi::CString;
 use std::io;
@@ -40,6 +42,9 @@ pub struct Spec {
     pub workdir: Option<Vec<u8>>,
     /// Root filesystem to switch to before running the command, if any.
     pub root: Option<RootSpec>,
+    /// Agent mode (`/.locald/agent` exists): serve commands over vsock
+    /// instead of running `argv`.
+    pub agent: bool,
 }
 
 /// Contents of `/.locald/root`: the filesystem to use as `/`.
@@ -95,18 +100,22 @@ impl Spec {
 
     /// Environment as `KEY=VALUE` C strings, ready for `envp`.
     pub fn envp(&self) -> Vec<CString> {
-        self.env
-            .iter()
-            .map(|(k, v)| {
-                let mut e = Vec::with_capacity(k.len() + v.len() + 1);
-                e.extend_from_slice(k);
-                e.push(b'=');
-                e.extend_from_slice(v);
-                // Entries come from NUL-split data, so they hold no NUL.
-                CString::new(e).unwrap_or_default()
-            })
-            .collect()
+        envp(&self.env)
     }
+}
+
+/// `(key, value)` pairs as `KEY=VALUE` C strings, ready for `envp`. The
+/// pairs must hold no NUL byte (an entry that does becomes empty).
+pub fn envp(env: &[(Vec<u8>, Vec<u8>)]) -> Vec<CString> {
+    env.iter()
+        .map(|(k, v)| {
+            let mut e = Vec::with_capacity(k.len() + v.len() + 1);
+            e.extend_from_slice(k);
+            e.push(b'=');
+            e.extend_from_slice(v);
+            CString::new(e).unwrap_or_default()
+        })
+        .collect()
 }
 
 /// Splits NUL-terminated entries. A trailing entry without its NUL is kept;
@@ -128,13 +137,14 @@ pub fn parse_argv(data: &[u8]) -> Vec<CString> {
         .collect()
 }
 
-/// Applies the `env` file over [`DEFAULT_ENV`].
-pub fn parse_env(data: Option<&[u8]>) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut env: Vec<(Vec<u8>, Vec<u8>)> = DEFAULT_ENV
-        .iter()
-        .map(|(k, v)| (k.to_vec(), v.to_vec()))
-        .collect();
-    for entry in data.map(split_nul).unwrap_or_default() {
+/// Applies `KEY=VALUE` entries over `env`: the same key replaces its value
+/// in place, new keys are appended in order; entries without `=` or with an
+/// empty key are ignored (the key ends at the first `=`).
+pub fn merge_env<'a>(
+    env: &mut Vec<(Vec<u8>, Vec<u8>)>,
+    entries: impl IntoIterator<Item = &'a [u8]>,
+) {
+    for entry in entries {
         let Some(eq) = entry.iter().position(|&b| b == b'=') else {
             continue;
         };
@@ -147,6 +157,15 @@ pub fn parse_env(data: Option<&[u8]>) -> Vec<(Vec<u8>, Vec<u8>)> {
             None => env.push((key.to_vec(), value.to_vec())),
         }
     }
+}
+
+/// Applies the `env` file over [`DEFAULT_ENV`].
+pub fn parse_env(data: Option<&[u8]>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut env: Vec<(Vec<u8>, Vec<u8>)> = DEFAULT_ENV
+        .iter()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    merge_env(&mut env, data.map(split_nul).unwrap_or_default());
     env
 }
 
@@ -204,6 +223,7 @@ pub fn parse(argv: Option<&[u8]>, env: Option<&[u8]>, workdir: Option<&[u8]>) ->
         env: parse_env(env),
         workdir: parse_workdir(workdir),
         root: None,
+        agent: false,
     }
 }
 
@@ -226,6 +246,7 @@ pub fn read(dir: &Path) -> Result<Spec, (String, io::Error)> {
     let argv = load("argv")?;
     let env = load("env")?;
     let workdir = load("workdir")?;
+    let agent = load("agent")?.is_some();
     let root = match load("root")? {
         Some(data) => Some(parse_root(&data).map_err(|e| {
             (
@@ -237,6 +258,7 @@ pub fn read(dir: &Path) -> Result<Spec, (String, io::Error)> {
     };
     Ok(Spec {
         root,
+        agent,
         ..parse(argv.as_deref(), env.as_deref(), workdir.as_deref())
     })
 }
@@ -338,6 +360,10 @@ mod tests {
         assert_eq!(s.argv, vec![cs("ls"), cs("-l")]);
         assert_eq!(s.workdir.as_deref(), Some(&b"/tmp"[..]));
         assert_eq!(s.root, None);
+        assert!(!s.agent);
+        std::fs::write(dir.join("agent"), b"").unwrap();
+        assert!(read(&dir).unwrap().agent, "content ignored, even empty");
+        std::fs::remove_file(dir.join("agent")).unwrap();
         std::fs::write(dir.join("root"), b"/dev/vda\0ext4\0ro\0").unwrap();
         let s = read(&dir).unwrap();
         assert_eq!(
