@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+mod named;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use locald_vmm::{
@@ -43,10 +45,23 @@ enum Command {
     /// directory (with mkfs.ext4 -d; no root needed). The default guest's
     /// static busybox is added unless --no-busybox.
     Mkrootfs(MkrootfsArgs),
+    /// Start a named VM in the background (same flags as `run`, no
+    /// command); returns once its guest agent is ready.
+    Start(Box<named::StartArgs>),
+    /// Run a command in a named VM (stdout, stderr and exit code relayed).
+    Exec(named::ExecArgs),
+    /// Stop a named VM: clean guest poweroff (disks synced), forced after
+    /// --timeout.
+    Stop(named::StopArgs),
+    /// List named VMs.
+    Ps,
+    /// Internal: the background process of `start`.
+    #[command(hide = true)]
+    Serve(Box<named::StartArgs>),
 }
 
 #[derive(clap::Args, Debug)]
-struct RunArgs {
+pub(crate) struct RunArgs {
     /// Guest kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -96,6 +111,20 @@ struct RunArgs {
     /// Do not attach the virtio entropy device.
     #[arg(long)]
     no_rng: bool,
+    /// Publish a guest TCP port on host loopback: HOST_PORT:GUEST_PORT
+    /// (repeatable; carried over vsock, no root needed).
+    #[arg(long, short = 'p', value_name = "HOST:GUEST")]
+    publish: Vec<String>,
+    /// Run the command on a pseudo-terminal (for interactive programs).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Run the command over the serial console instead of the guest agent
+    /// (stdout and stderr mixed with the console; no vsock device).
+    #[arg(long)]
+    serial: bool,
+    /// Seconds to wait for the guest agent before giving up.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    agent_timeout: u64,
     /// Verbose: VMM log, guest kernel log and boot timings on stderr.
     #[arg(short, long)]
     verbose: bool,
@@ -139,7 +168,7 @@ enum Compat {
     Off,
 }
 
-fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
+pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
     let vcpus = u8::try_from(args.cpus)
         .ok()
         .filter(|n| (1..=config::MAX_VCPUS).contains(n))
@@ -202,10 +231,27 @@ fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
             None => None,
         },
         rng: !args.no_rng,
+        vsock: None,
+        agent: false,
+        agent_timeout: Duration::from_secs(args.agent_timeout),
     })
 }
 
+/// Whether `run` goes through the guest agent: a command on the default
+/// guest, unless --serial.
+fn uses_agent(args: &RunArgs) -> bool {
+    !args.serial && args.kernel.is_none() && args.initrd.is_none() && !args.command.is_empty()
+}
+
 fn run(args: RunArgs) -> anyhow::Result<u8> {
+    if uses_agent(&args) {
+        return named::run_with_agent(args);
+    }
+    if !args.publish.is_empty() || args.tty {
+        anyhow::bail!(
+            "--publish and --tty need the guest agent (the default guest, a command, no --serial)"
+        );
+    }
     let start = Instant::now();
     let config = config_from(&args)?;
     let mut vm = VirtualMachine::new(config)?;
@@ -240,6 +286,32 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     Ok(status.code().clamp(0, 255) as u8)
 }
 
+/// Ends the process with `r`'s code, or prints its error (one line) and
+/// ends with 125.
+fn exit(r: anyhow::Result<u8>) -> ExitCode {
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("locald-vmm: error: {e:#}");
+            ExitCode::from(VMM_ERROR)
+        }
+    }
+}
+
+/// Logging to stderr: `LOCALD_VMM_LOG` filter, else info with -v, else warn.
+pub(crate) fn init_logging(verbose: bool) {
+    let level = if verbose { "info" } else { "warn" };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOCALD_VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .without_time()
+        .with_ansi(false)
+        .try_init();
+}
+
 fn prepare() -> anyhow::Result<()> {
     let kernel = locald_vmm::assets::default_kernel()?;
     let initramfs = locald_vmm::assets::default_initramfs()?;
@@ -270,6 +342,11 @@ fn main() -> ExitCode {
     };
     let args = match cli.command {
         Command::Run(args) => *args,
+        Command::Start(a) => return exit(named::start(*a)),
+        Command::Serve(a) => return exit(named::serve(*a)),
+        Command::Exec(a) => return exit(named::exec(a)),
+        Command::Stop(a) => return exit(named::stop(a).map(|()| 0)),
+        Command::Ps => return exit(named::ps().map(|()| 0)),
         Command::Mkrootfs(a) => {
             return match mkrootfs(&a) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -289,16 +366,7 @@ fn main() -> ExitCode {
             }
         }
     };
-    let level = if args.verbose { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOCALD_VMM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .without_time()
-        .with_ansi(false)
-        .init();
+    init_logging(args.verbose);
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -408,7 +408,12 @@ fn rootfs_needs_the_guest_init() {
 #[test]
 fn mkrootfs_bad_input() {
     assert_clean_error(
-        &["mkrootfs", "--from", "/nonexistent/locald-src", "/tmp/never-written.img"],
+        &[
+            "mkrootfs",
+            "--from",
+            "/nonexistent/locald-src",
+            "/tmp/never-written.img",
+        ],
         "/nonexistent/locald-src",
     );
     assert!(!Path::new("/tmp/never-written.img").exists());

@@ -4,7 +4,7 @@
 //! many things. Skips only when /dev/kvm is absent, and says so loudly.
 
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn kvm_present() -> bool {
     if std::path::Path::new("/dev/kvm").exists() {
@@ -99,38 +99,158 @@ fn default_guest_runs_commands() {
     ] {
         assert!(stdout.contains(arg), "argument {arg} must arrive intact");
     }
-    assert!(stdout.contains("stderr line") || stderr.contains("stderr line"));
+    assert!(
+        stderr.contains("stderr line") && !stdout.contains("stderr line"),
+        "stderr arrives on stderr only"
+    );
     assert!(
         stderr.contains("guest marker 1"),
         "init reported userspace reached"
     );
 }
 
-/// The same default guest with a command that does not exist: 127.
+/// A named, long-lived VM (one boot): `start` with a data disk and a
+/// published port, then `exec` checking binary-safe stdout/stderr
+/// separation, exit codes 0/1/42, a signal (128+9), env and workdir, a
+/// missing command (127), two concurrent execs, a guest web server reached
+/// from the host through `--publish` with a known payload, `ps`, and a
+/// `stop` that leaves the data disk consistent with the guest's write on it.
 #[test]
-fn missing_command_is_127() {
+fn named_vm_exec_publish_stop() {
     if !kvm_present() {
         return;
     }
-    let out = vmm()
-        .args([
-            "run",
-            "--memory",
-            "64M",
-            "--timeout",
-            "300",
-            "--",
-            "/no/such/program",
-        ])
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-named");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("data.ext4");
+    host("mkfs.ext4", &["-q", "-F", data.to_str().unwrap(), "16M"]);
+    let name = format!("t{}", std::process::id());
+    // A free host port: bind :0, read it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = vmm()
+        .args(["start", "--name", &name, "--timeout", "600", "--publish"])
+        .arg(format!("{port}:8080"))
+        .arg("--disk")
+        .arg(&data)
         .output()
-        .expect("run locald-vmm");
-    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    eprintln!("{text}");
-    assert_eq!(out.status.code(), Some(127), "{text}");
+        .expect("start");
     assert!(
-        text.contains("/no/such/program"),
-        "the error names the program"
+        started.status.success(),
+        "start failed: {}",
+        String::from_utf8_lossy(&started.stderr)
     );
+    let exec = |args: &[&str]| {
+        let out = vmm()
+            .args(["exec", &name])
+            .args(args)
+            .output()
+            .expect("exec");
+        (
+            out.status.code(),
+            out.stdout,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Binary-safe, separate streams.
+    let (code, out, err) = exec(&[
+        "--",
+        "sh",
+        "-c",
+        "printf 'o\\000\\377'; printf 'e\\001' >&2",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, b"o\x00\xff");
+    assert_eq!(err.as_bytes(), b"e\x01");
+    for (script, want) in [
+        ("exit 1", 1),
+        ("exit 42", 42),
+        ("kill -9 $$", 137),
+        ("true", 0),
+    ] {
+        assert_eq!(exec(&["--", "sh", "-c", script]).0, Some(want), "{script}");
+    }
+    let (code, out, _) = exec(&[
+        "-e",
+        "GREETING=hi there",
+        "--workdir",
+        "/tmp/wd",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$GREETING\" $(pwd)",
+    ]);
+    assert_eq!(code, Some(0));
+    assert_eq!(String::from_utf8_lossy(&out), "hi there /tmp/wd\n");
+    let (code, _, err) = exec(&["--", "/no/such/program"]);
+    assert_eq!(code, Some(127), "{err}");
+    assert!(err.contains("/no/such/program"), "{err}");
+    // Two at once: each waits for a file only the other creates.
+    let a = std::thread::spawn({
+        let name = name.clone();
+        move || {
+            vmm().args(["exec", &name, "--", "sh", "-c", "touch /tmp/a; for i in $(seq 200); do [ -e /tmp/b ] && echo A-saw-B && exit 0; sleep 0.1; done; exit 1"]).output().unwrap()
+        }
+    });
+    let b = exec(&["--", "sh", "-c", "touch /tmp/b; for i in $(seq 200); do [ -e /tmp/a ] && echo B-saw-A && exit 0; sleep 0.1; done; exit 1"]);
+    let a = a.join().unwrap();
+    assert_eq!(b.0, Some(0), "second exec");
+    assert_eq!(a.status.code(), Some(0), "first exec");
+    assert_eq!(String::from_utf8_lossy(&a.stdout), "A-saw-B\n");
+    // A guest server reached through --publish.
+    let (code, _, err) = exec(&["--", "sh", "-c", "mkdir -p /www && echo payload-5d1e > /www/index.html && busybox httpd -p 127.0.0.1:8080 -h /www"]);
+    assert_eq!(code, Some(0), "{err}");
+    let mut body = String::new();
+    for _ in 0..50 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+            body.clear();
+            let _ = s.read_to_string(&mut body);
+            if body.contains("payload-5d1e") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        body.contains("payload-5d1e"),
+        "published port answered: {body:?}"
+    );
+    // A write on the data disk, left mounted: stop must sync and unmount.
+    let (code, _, err) = exec(&[
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /mnt/d && mount /dev/vda /mnt/d && echo kept > /mnt/d/kept.txt",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let ps = vmm().arg("ps").output().unwrap();
+    assert!(String::from_utf8_lossy(&ps.stdout).contains(&name));
+    let stop = vmm().args(["stop", &name]).output().unwrap();
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    let ps = vmm().arg("ps").output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ps.stdout).contains(&name),
+        "gone after stop"
+    );
+    let gone = vmm().args(["exec", &name, "--", "true"]).output().unwrap();
+    assert_eq!(gone.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no VM named"));
+    assert_eq!(
+        host("debugfs", &["-R", "cat /kept.txt", data.to_str().unwrap()]),
+        "kept\n"
+    );
+    host("e2fsck", &["-fn", data.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Interactive mode: no command gives a shell on the serial console. Host
@@ -141,7 +261,6 @@ fn interactive_shell_over_the_serial_console() {
     use std::io::{Read, Write};
     use std::process::Stdio;
     use std::sync::mpsc;
-    use std::time::Duration;
 
     if !kvm_present() {
         return;
@@ -186,4 +305,145 @@ fn interactive_shell_over_the_serial_console() {
     stdin.write_all(b"exit 5\n").expect("type exit");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(5), "the shell's exit status");
+}
+
+/// Runs a host tool and returns its stdout; panics with its stderr.
+fn host(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One boot from an ext4 root image (`--rootfs`, built with `mkrootfs`)
+/// with a second ext4 data disk and a read-only raw disk, checking: the
+/// root switch, reads of host-written files, guest writes that are on the
+/// host images afterwards (read back with debugfs, fsck clean), the
+/// read-only disk refusing writes and staying unchanged, disk serials,
+/// and /dev/hwrng delivering bytes.
+#[test]
+fn disks_rootfs_and_entropy() {
+    if !kvm_present() {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-disks");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("rootsrc/etc")).unwrap();
+    std::fs::create_dir_all(dir.join("datasrc")).unwrap();
+    std::fs::write(dir.join("rootsrc/etc/marker"), "rootfs-marker-7f3a\n").unwrap();
+    std::fs::write(dir.join("datasrc/hello.txt"), "written on the host\n").unwrap();
+    let root = dir.join("root.ext4");
+    let data = dir.join("data.ext4");
+    let ro = dir.join("ro.img");
+    let mk = vmm()
+        .args(["mkrootfs", "--size", "64M", "--from"])
+        .arg(dir.join("rootsrc"))
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    host(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            dir.join("datasrc").to_str().unwrap(),
+            data.to_str().unwrap(),
+            "32M",
+        ],
+    );
+    let ro_bytes: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    std::fs::write(&ro, &ro_bytes).unwrap();
+
+    let script = r#"
+        echo "marker=$(cat /etc/marker)"
+        grep ' / ' /proc/mounts | sed 's/^/rootmount=/'
+        mkdir -p /mnt/data && mount -t ext4 /dev/vdb /mnt/data && echo mounted
+        echo "hostfile=$(cat /mnt/data/hello.txt)"
+        echo "written by the guest" > /mnt/data/guest.txt
+        echo "persisted in the root" > /root/persist.txt
+        echo "serial_vdb=$(cat /sys/block/vdb/serial)"
+        echo "serial_vdc=$(cat /sys/block/vdc/serial)"
+        echo "ro_flag=$(cat /sys/block/vdc/ro)"
+        echo "ro_first=$(head -c 4 /dev/vdc | od -An -tx1 | tr -d ' ')"
+        if dd if=/dev/zero of=/dev/vdc bs=512 count=1 conv=fsync 2>/dev/null; then
+            echo "ro_write=accepted"
+        else
+            echo "ro_write=refused"
+        fi
+        echo "rng_bytes=$(head -c 64 /dev/hwrng | wc -c)"
+        echo "rng_name=$(cat /sys/class/misc/hw_random/rng_current)"
+        exit 3
+    "#;
+    let start = Instant::now();
+    let out = vmm()
+        .args(["run", "--timeout", "300", "--rootfs"])
+        .arg(&root)
+        .arg("--disk")
+        .arg(&data)
+        .arg("--disk")
+        .arg(format!("{},ro,id=readonly-disk", ro.display()))
+        .args(["--", "sh", "-c", script])
+        .output()
+        .expect("run locald-vmm");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(3), "the command's exit status");
+    for want in [
+        "marker=rootfs-marker-7f3a",
+        "rootmount=/dev/vda / ext4 rw",
+        "mounted",
+        "hostfile=written on the host",
+        "serial_vdb=data.ext4",
+        "serial_vdc=readonly-disk",
+        "ro_flag=1",
+        "ro_first=03",
+        "ro_write=refused",
+        "rng_bytes=64",
+        "rng_name=virtio_rng.0",
+    ] {
+        assert!(stdout.contains(want), "guest output lacks {want:?}");
+    }
+    assert!(stdout.contains(&format!(
+        "ro_first={}",
+        ro_bytes[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )));
+    // The guest's writes are on the host images, and both are clean.
+    assert_eq!(
+        host("debugfs", &["-R", "cat /guest.txt", data.to_str().unwrap()]),
+        "written by the guest\n"
+    );
+    assert_eq!(
+        host(
+            "debugfs",
+            &["-R", "cat /root/persist.txt", root.to_str().unwrap()]
+        ),
+        "persisted in the root\n"
+    );
+    host("e2fsck", &["-fn", data.to_str().unwrap()]);
+    host("e2fsck", &["-fn", root.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(&ro).unwrap(),
+        ro_bytes,
+        "read-only disk unchanged"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -175,6 +175,7 @@ pub fn exec(
     io: ExecIo<'_>,
     on_start: impl FnOnce(ExecHandle),
 ) -> Result<ExecOutcome, AgentError> {
+    let tty = req.tty.is_some();
     let stream = connect(uds, AGENT_PORT)?;
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
     let handle = ExecHandle {
@@ -201,7 +202,10 @@ pub fn exec(
             Frame::Started(_pid) => {
                 match stdin.take() {
                     Some(input) => spawn_stdin_pump(input, handle.clone())?,
-                    None => handle.send(&Frame::Stdin(Vec::new()))?,
+                    // On a terminal an empty Stdin frame types ^D: only
+                    // close a pipe.
+                    None if !tty => handle.send(&Frame::Stdin(Vec::new()))?,
+                    None => {}
                 }
                 if let Some(f) = on_start.take() {
                     f(handle.clone());

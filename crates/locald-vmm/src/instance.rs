@@ -191,7 +191,15 @@ pub fn stop(name: &str, timeout: Duration) -> Result<String, InstanceError> {
             timeout_secs: timeout.as_secs(),
         },
     )? {
-        Response::Stopped { how } => Ok(how),
+        Response::Stopped { how } => {
+            // The VM's process removes the directory as it exits; wait for
+            // that so a following `ps` or `start` sees a clean slate.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while dir(name).exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(how)
+        }
         other => Err(InstanceError::Remote {
             name: name.into(),
             message: format!("unexpected answer {other:?}"),

@@ -19,6 +19,7 @@ pub mod instance;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod profile;
+pub mod publish;
 #[cfg(test)]
 mod tests;
 
@@ -95,12 +96,22 @@ pub fn disk_name(index: usize) -> String {
 #[cfg(target_os = "linux")]
 fn virtio_devices(config: &VmConfig) -> Result<Vec<kvm::VirtioSpec>, Error> {
     let mut out = Vec::new();
-    if config.all_disks().next().is_some() {
-        return Err(Error::Device("virtio-blk is not available yet".into()));
+    for (i, disk) in config.all_disks().enumerate() {
+        let name = disk_name(i);
+        let dev = devices::virtio::block::Block::new(disk, &name)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        out.push(kvm::VirtioSpec {
+            name: format!("virtio-blk {name}"),
+            device: Box::new(dev),
+        });
     }
-    if config.vsock.is_some() {
-        // PENDING-VSOCK
-        return Err(Error::Device("virtio-vsock is not available yet".into()));
+    if let Some(v) = &config.vsock {
+        let dev = devices::virtio::vsock::Vsock::new(v.guest_cid, v.uds_path.clone())
+            .map_err(|e| Error::Device(e.to_string()))?;
+        out.push(kvm::VirtioSpec {
+            name: "virtio-vsock".into(),
+            device: Box::new(dev),
+        });
     }
     if config.rng {
         out.push(kvm::VirtioSpec {

@@ -1,0 +1,380 @@
+//! Commands that go through the guest agent: `run -- CMD` on the default
+//! guest, and the named, long-lived VMs (`start`, `exec`, `stop`, `ps`,
+//! and the hidden `serve` process behind `start`).
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use locald_vmm::agent::{ExecIo, ExecOutcome, ExecRequest};
+use locald_vmm::instance::{self, ControlTarget, Info};
+use locald_vmm::publish::{self, PortMap, Publisher};
+use locald_vmm::{config, ConsoleConfig, RunningVm, VirtualMachine};
+
+use crate::{config_from, init_logging, RunArgs};
+
+/// Grace period for a clean guest poweroff before the VM is stopped.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct StartArgs {
+    /// Name of the VM (letters, digits, '-', '_', '.').
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ExecArgs {
+    /// The VM.
+    name: String,
+    /// Environment variable (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory in the guest.
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// Run on a pseudo-terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Command and arguments (after `--`).
+    #[arg(last = true, value_name = "CMD", required = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct StopArgs {
+    /// The VM.
+    name: String,
+    /// Seconds to wait for a clean poweroff before stopping it by force.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    timeout: u64,
+}
+
+fn parse_env(env: &[String]) -> anyhow::Result<Vec<Vec<u8>>> {
+    env.iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if !k.is_empty() => Ok(kv.as_bytes().to_vec()),
+            _ => anyhow::bail!("--env '{kv}' must be KEY=VALUE"),
+        })
+        .collect()
+}
+
+/// Our terminal's size (rows, cols), or 24x80.
+fn terminal_size() -> (u16, u16) {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into the struct we pass.
+    let rc = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };
+    if rc == 0 && ws.ws_row > 0 && ws.ws_col > 0 {
+        (ws.ws_row, ws.ws_col)
+    } else {
+        (24, 80)
+    }
+}
+
+fn request(argv: &[String], env: Vec<Vec<u8>>, workdir: Option<&str>, tty: bool) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env,
+        workdir: workdir.map(|w| w.as_bytes().to_vec()),
+        uid: None,
+        gid: None,
+        tty: tty.then(terminal_size),
+    }
+}
+
+/// Runs one command through an agent socket with our stdio; returns the
+/// shell's exit code and prints a start failure as one line.
+fn exec_with_stdio(
+    run: impl FnOnce(ExecIo<'_>) -> Result<ExecOutcome, locald_vmm::Error>,
+    tty: bool,
+) -> anyhow::Result<u8> {
+    let _raw = if tty && std::io::stdin().is_terminal() {
+        locald_vmm::console::RawTerminal::enable()
+    } else {
+        None
+    };
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    let outcome = run(ExecIo {
+        stdin: Some(Box::new(std::io::stdin())),
+        stdout: &mut out,
+        stderr: &mut err,
+    })?;
+    drop(_raw);
+    if let ExecOutcome::Failed { message, .. } = &outcome {
+        eprintln!("locald-vmm: {message}");
+    }
+    Ok(outcome.shell_code())
+}
+
+fn publishers(uds: &Path, specs: &[String]) -> anyhow::Result<Vec<Publisher>> {
+    specs
+        .iter()
+        .map(|s| Ok(publish::publish(uds.to_path_buf(), PortMap::parse(s)?)?))
+        .collect()
+}
+
+/// `run -- CMD` on the default guest: boot in agent mode, run the command
+/// with our stdio, power the guest off cleanly, exit with its code.
+pub(crate) fn run_with_agent(args: RunArgs) -> anyhow::Result<u8> {
+    let maps: Vec<PortMap> = args
+        .publish
+        .iter()
+        .map(|s| PortMap::parse(s))
+        .collect::<Result<_, _>>()?;
+    let mut cfg = config_from(&args)?;
+    let argv = cfg.command.take().unwrap_or_default();
+    let env: Vec<Vec<u8>> = cfg
+        .env
+        .drain(..)
+        .map(|(k, v)| format!("{k}={v}").into_bytes())
+        .collect();
+    let workdir = cfg.workdir.take();
+    cfg.agent = true;
+    cfg.agent_timeout = Duration::from_secs(args.agent_timeout);
+    cfg.console = if args.verbose {
+        ConsoleConfig::Stderr
+    } else {
+        ConsoleConfig::Null
+    };
+    let mut vm = VirtualMachine::new(cfg)?.spawn()?;
+    vm.wait_ready()?;
+    let uds = vm
+        .vsock_path()
+        .context("agent VM without vsock")?
+        .to_path_buf();
+    let _pubs = maps
+        .into_iter()
+        .map(|m| publish::publish(uds.clone(), m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let req = request(&argv, env, workdir.as_deref(), args.tty);
+    let code = exec_with_stdio(|io| vm.exec(req, io, |_| {}), args.tty)?;
+    let status = vm.stop(STOP_GRACE)?;
+    tracing::info!("guest ended: {status:?}");
+    Ok(code)
+}
+
+/// `start`: spawns `serve` in its own session and waits for its verdict
+/// (one line on its stdout: `ok` or `error: ...`).
+pub(crate) fn start(args: StartArgs) -> anyhow::Result<u8> {
+    instance::check_name(&args.name)?;
+    if !args.run.command.is_empty() {
+        anyhow::bail!(
+            "start takes no command: run commands with `locald-vmm exec {} -- CMD`",
+            args.name
+        );
+    }
+    let exe = std::env::current_exe().context("finding our own executable")?;
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // Replace the subcommand: everything after it is the same.
+    if let Some(i) = argv.iter().position(|a| a == "start") {
+        argv[i] = "serve".into();
+    }
+    let mut child = Command::new(exe)
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the VM process")?;
+    let mut verdict = String::new();
+    if let Some(out) = child.stdout.take() {
+        let mut r = std::io::BufReader::new(out);
+        let _ = std::io::BufRead::read_line(&mut r, &mut verdict);
+    }
+    match verdict.trim_end() {
+        "ok" => {
+            println!("{}", args.name);
+            Ok(0)
+        }
+        "" => {
+            let status = child.wait().ok();
+            let log = instance::dir(&args.name).join("console.log");
+            anyhow::bail!(
+                "the VM process ended during start ({}); see {}",
+                status.map_or("unknown".into(), |s| s.to_string()),
+                log.display()
+            )
+        }
+        line => {
+            let _ = child.wait();
+            anyhow::bail!("{}", line.trim_start_matches("error: "))
+        }
+    }
+}
+
+/// Serves a started VM: its state directory, the VM, published ports and
+/// the control socket, until `stop` or the guest ends.
+pub(crate) fn serve(args: StartArgs) -> anyhow::Result<u8> {
+    // SAFETY: setsid has no memory effects; failure (already a leader) is harmless.
+    unsafe { libc::setsid() };
+    let result = serve_inner(&args);
+    if let Err(e) = &result {
+        // Until `ok` is written, stdout is the pipe `start` reads.
+        println!("error: {e:#}");
+        let _ = std::io::stdout().flush();
+    }
+    result
+}
+
+fn redirect(fd: i32, path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    // SAFETY: dup2 onto a standard descriptor we own; `f` stays valid for the call.
+    if unsafe { libc::dup2(f.as_raw_fd(), fd) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+struct Served {
+    vm: Option<RunningVm>,
+    info: Info,
+}
+
+impl ControlTarget for Served {
+    fn info(&self) -> Info {
+        self.info.clone()
+    }
+    fn stop(&mut self, timeout: Duration) -> String {
+        match self.vm.take().map(|vm| vm.stop(timeout)) {
+            Some(Ok(status)) => format!("{status:?}").to_lowercase(),
+            Some(Err(e)) => format!("error: {e}"),
+            None => "already stopped".into(),
+        }
+    }
+    fn running(&self) -> bool {
+        self.vm.as_ref().is_some_and(RunningVm::is_running)
+    }
+}
+
+fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
+    let dir = instance::create_dir(&args.name)?;
+    let _lock = instance::hold_lock(&dir).context("locking the VM's state directory")?;
+    let cleanup = DirGuard(dir.clone());
+    redirect(2, &dir.join("console.log")).context("opening console.log")?;
+    init_logging(args.run.verbose);
+    let maps: Vec<PortMap> = args
+        .run
+        .publish
+        .iter()
+        .map(|s| PortMap::parse(s))
+        .collect::<Result<_, _>>()?;
+    let mut cfg = config_from(&args.run)?;
+    cfg.command = None;
+    cfg.agent = true;
+    cfg.agent_timeout = Duration::from_secs(args.run.agent_timeout);
+    cfg.console = ConsoleConfig::Stderr;
+    let uds = instance::vsock_path(&args.name);
+    cfg.vsock = Some(config::VsockConfig {
+        guest_cid: 3,
+        uds_path: uds.clone(),
+    });
+    let (cpus, memory_mib) = (cfg.vcpus, cfg.memory_mib);
+    let mut vm = VirtualMachine::new(cfg)?.spawn()?;
+    vm.wait_ready()?;
+    let pubs = publishers(&uds, &args.run.publish)?;
+    let listener = std::os::unix::net::UnixListener::bind(instance::control_path(&args.name))
+        .context("binding the control socket")?;
+    let mut served = Served {
+        vm: Some(vm),
+        info: Info {
+            version: instance::PROTOCOL_VERSION,
+            name: args.name.clone(),
+            pid: std::process::id(),
+            cpus,
+            memory_mib,
+            started_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            vsock: uds,
+            publish: maps.iter().map(|m| (m.host, m.guest)).collect(),
+        },
+    };
+    println!("ok");
+    std::io::stdout().flush()?;
+    redirect(1, &dir.join("console.log"))?;
+    instance::serve_control(&listener, &mut served)?;
+    drop(pubs);
+    // The guest ended on its own (or was stopped): reap the VM thread.
+    if let Some(vm) = served.vm.take() {
+        let _ = vm.stop(STOP_GRACE);
+    }
+    drop(cleanup);
+    Ok(0)
+}
+
+/// Removes a named VM's state directory when its VMM ends.
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `exec NAME -- CMD`.
+pub(crate) fn exec(args: ExecArgs) -> anyhow::Result<u8> {
+    instance::check_name(&args.name)?;
+    // Asking for info first turns a missing or crashed VM into a clear error.
+    let info = instance::info(&args.name)?;
+    let req = request(
+        &args.command,
+        parse_env(&args.env)?,
+        args.workdir.as_deref(),
+        args.tty,
+    );
+    exec_with_stdio(
+        |io| Ok(locald_vmm::agent::exec(&info.vsock, req, io, |_| {})?),
+        args.tty,
+    )
+}
+
+/// `stop NAME`.
+pub(crate) fn stop(args: StopArgs) -> anyhow::Result<()> {
+    let how = instance::stop(&args.name, Duration::from_secs(args.timeout))?;
+    println!("{}: {how}", args.name);
+    Ok(())
+}
+
+/// `ps`.
+pub(crate) fn ps() -> anyhow::Result<()> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    println!(
+        "{:<20} {:>8} {:>4} {:>8} {:>8}  PUBLISH",
+        "NAME", "PID", "CPUS", "MEMORY", "UPTIME"
+    );
+    for (name, info) in instance::list() {
+        match info {
+            Ok(i) => {
+                let publish: Vec<String> =
+                    i.publish.iter().map(|(h, g)| format!("{h}:{g}")).collect();
+                println!(
+                    "{:<20} {:>8} {:>4} {:>7}M {:>7}s  {}",
+                    name,
+                    i.pid,
+                    i.cpus,
+                    i.memory_mib,
+                    now.saturating_sub(i.started_at),
+                    publish.join(",")
+                );
+            }
+            Err(e) => eprintln!("locald-vmm: {e}"),
+        }
+    }
+    Ok(())
+}
