@@ -248,14 +248,11 @@ impl VirtualMachine {
             cmdline.push(' ');
             cmdline.push_str(&compat_cmdline(&compat_keep));
         }
-        if let Some(extra) = &config.cmdline {
-            cmdline.push(' ');
-            cmdline.push_str(extra);
-        }
         let spec = kvm::BootSpec {
             kernel,
             initrd,
             cmdline,
+            user_cmdline: config.cmdline.clone(),
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             masked: if compat {

@@ -44,8 +44,11 @@ pub struct BootSpec {
     pub kernel: PathBuf,
     /// Initrd name (for messages) and bytes.
     pub initrd: Option<(String, Vec<u8>)>,
-    /// Full kernel command line.
+    /// Kernel command line (the VMM's part; virtio devices are announced
+    /// after it).
     pub cmdline: String,
+    /// The user's extra command line, placed last so it can override.
+    pub user_cmdline: Option<String>,
     /// vCPU count.
     pub vcpus: u8,
     /// Memory in MiB.
@@ -186,7 +189,11 @@ impl KvmVm {
 
         // Virtio devices on the MMIO bus, announced on the command line.
         let mut mmio_bus = Bus::new();
-        let cmdline = spec.cmdline.clone() + &attach_virtio(&vm, &mem, &mut mmio_bus, virtio)?;
+        let mut cmdline = spec.cmdline.clone() + &attach_virtio(&vm, &mem, &mut mmio_bus, virtio)?;
+        if let Some(extra) = &spec.user_cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
 
         // Guest image and boot structures.
         let mem_bytes = spec.memory_mib << 20;
