@@ -1,4 +1,4 @@
-//! Build script: assembles and links every guest in `<workspace>/guests`
+//! Build script: compiles (C guests), assembles and links every guest in `<workspace>/guests`
 //! into `$OUT_DIR/guests/` and writes `$OUT_DIR/guests.rs` with one path
 //! constant per guest.
 
@@ -24,7 +24,7 @@ fn main() {
     for g in builder::GUESTS {
         println!(
             "cargo:rerun-if-changed={}",
-            guests_dir.join(format!("{}.S", g.name)).display()
+            guests_dir.join(g.source()).display()
         );
         let path = match builder::build(g, &guests_dir, &bin_dir) {
             Ok(p) => p,
