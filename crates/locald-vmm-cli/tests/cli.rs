@@ -419,3 +419,58 @@ fn mkrootfs_bad_input() {
     assert!(!Path::new("/tmp/never-written.img").exists());
     assert_clean_error(&["mkrootfs", "--size", "lots", "/tmp/x.img"], "--size");
 }
+
+/// The runtime directory named VMs live in (same rule as the library).
+fn runtime_base() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("locald-vmm"),
+        _ => PathBuf::from(format!(
+            "/tmp/locald-vmm-{}",
+            String::from_utf8_lossy(&Command::new("id").arg("-u").output().unwrap().stdout).trim()
+        )),
+    }
+}
+
+#[test]
+fn named_vm_bad_input() {
+    assert_clean_error(
+        &["exec", "no-such-vm-x1", "--", "true"],
+        "no VM named 'no-such-vm-x1'",
+    );
+    assert_clean_error(&["stop", "no-such-vm-x1"], "no VM named 'no-such-vm-x1'");
+    assert_clean_error(&["exec", "../etc", "--", "true"], "invalid VM name");
+    assert_clean_error(&["start", "--name", "a/b"], "invalid VM name");
+    assert_clean_error(
+        &["start", "--name", "ok", "--", "true"],
+        "start takes no command",
+    );
+}
+
+#[test]
+fn stale_named_vm_is_reported_and_cleaned_up() {
+    // What a crashed VMM leaves: its directory and a control socket that
+    // nobody serves.
+    let dir = runtime_base()
+        .join("vms")
+        .join(format!("stale{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(dir.join("control.sock")).unwrap());
+    let name = dir.file_name().unwrap().to_str().unwrap().to_string();
+    assert_clean_error(&["exec", &name, "--", "true"], "is not running");
+    assert!(!dir.exists(), "stale state removed");
+    // ps lists nothing for it afterwards.
+    let ps = cli(&["ps"]);
+    assert_eq!(ps.code, Some(0));
+    assert!(!ps.stdout.contains(&name));
+}
+
+#[test]
+fn publish_needs_a_valid_mapping() {
+    assert_clean_error(&["run", "-p", "80", "--", "true"], "HOST_PORT:GUEST_PORT");
+    assert_clean_error(&["run", "-p", "0:80", "--", "true"], "HOST_PORT:GUEST_PORT");
+    let k = guest("pvh_exit0");
+    assert_clean_error(
+        &["run", "--kernel", k.to_str().unwrap(), "-p", "8080:80"],
+        "need the guest agent",
+    );
+}

@@ -447,3 +447,48 @@ fn disks_rootfs_and_entropy() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A guest agent that never answers in time: one clear error line, exit
+/// 125, and the VM's private socket directory gone afterwards.
+#[test]
+fn agent_timeout_is_a_clear_error() {
+    if !kvm_present() {
+        return;
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_locald-vmm"))
+        .args(["run", "--agent-timeout", "1", "--", "true"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run locald-vmm");
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("did not become ready within 1s"),
+        "{stderr}"
+    );
+    // Its private socket directory (vm-<pid>-N) is gone.
+    let base = match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => std::path::PathBuf::from(d).join("locald-vmm"),
+        _ => {
+            let uid =
+                String::from_utf8_lossy(&Command::new("id").arg("-u").output().unwrap().stdout)
+                    .trim()
+                    .to_string();
+            std::path::PathBuf::from(format!("/tmp/locald-vmm-{uid}"))
+        }
+    };
+    let leftovers: Vec<_> = std::fs::read_dir(&base)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("vm-{pid}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
