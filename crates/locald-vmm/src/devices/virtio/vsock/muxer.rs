@@ -292,7 +292,10 @@ impl Muxer {
         }
         if hdr.op == op::REQUEST {
             self.guest_connect(hdr);
-        } else if matches!(hdr.op, op::SHUTDOWN | op::CREDIT_UPDATE | op::CREDIT_REQUEST) {
+        } else if matches!(
+            hdr.op,
+            op::SHUTDOWN | op::CREDIT_UPDATE | op::CREDIT_REQUEST
+        ) {
             // Normal after we reset a connection whose host side closed:
             // the guest's last control packets cross our RST.
             tracing::debug!("{DEV}: op {} for a closed connection {key:?}", hdr.op);
