@@ -8,7 +8,7 @@ set -euo pipefail
 runs=${1:-11}
 mib=${2:-64}
 cd "$(dirname "$0")/.."
-bin=${LOCALD_VMM_BIN:-target/release/locald-vmm}
+bin=${LOCALD_VMM_BIN:-${CARGO_TARGET_DIR:-target}/release/locald-vmm}
 [ -x "$bin" ] || cargo build --release -p locald-vmm-cli >&2
 name=bench-$$
 "$bin" start --name "$name" >/dev/null

@@ -13,5 +13,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --release
 # Build the default guest kernel (~6 min on 2 cores, once per machine) and
 # initramfs before the tests, with visible progress.
-target/release/locald-vmm prepare
+"${CARGO_TARGET_DIR:-target}/release/locald-vmm" prepare
 cargo test --workspace --no-fail-fast -- --include-ignored "$@"
