@@ -45,6 +45,8 @@ fn default_guest_runs_commands() {
     let out = vmm()
         .args([
             "run",
+            "--agent-timeout",
+            "300",
             "--cpus",
             "2",
             "--memory",
@@ -133,7 +135,7 @@ fn named_vm_exec_publish_stop() {
         .unwrap()
         .port();
     let started = vmm()
-        .args(["start", "--name", &name, "--timeout", "600", "--publish"])
+        .args(["start", "--name", &name, "--timeout", "600", "--agent-timeout", "300", "--publish"])
         .arg(format!("{port}:8080"))
         .arg("--disk")
         .arg(&data)
@@ -388,7 +390,7 @@ fn disks_rootfs_and_entropy() {
     "#;
     let start = Instant::now();
     let out = vmm()
-        .args(["run", "--timeout", "300", "--rootfs"])
+        .args(["run", "--timeout", "300", "--agent-timeout", "300", "--rootfs"])
         .arg(&root)
         .arg("--disk")
         .arg(&data)
