@@ -135,7 +135,16 @@ fn named_vm_exec_publish_stop() {
         .unwrap()
         .port();
     let started = vmm()
-        .args(["start", "--name", &name, "--timeout", "600", "--agent-timeout", "300", "--publish"])
+        .args([
+            "start",
+            "--name",
+            &name,
+            "--timeout",
+            "600",
+            "--agent-timeout",
+            "300",
+            "--publish",
+        ])
         .arg(format!("{port}:8080"))
         .arg("--disk")
         .arg(&data)
@@ -390,7 +399,14 @@ fn disks_rootfs_and_entropy() {
     "#;
     let start = Instant::now();
     let out = vmm()
-        .args(["run", "--timeout", "300", "--agent-timeout", "300", "--rootfs"])
+        .args([
+            "run",
+            "--timeout",
+            "300",
+            "--agent-timeout",
+            "300",
+            "--rootfs",
+        ])
         .arg(&root)
         .arg("--disk")
         .arg(&data)
