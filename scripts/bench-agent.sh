@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 bin=${LOCALD_VMM_BIN:-${CARGO_TARGET_DIR:-target}/release/locald-vmm}
 [ -x "$bin" ] || cargo build --release -p locald-vmm-cli >&2
 name=bench-$$
-"$bin" start --name "$name" >/dev/null
+"$bin" start --name "$name" --agent-timeout 600 >/dev/null
 trap '"$bin" stop "$name" >/dev/null 2>&1 || true' EXIT
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
