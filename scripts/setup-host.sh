@@ -5,6 +5,9 @@
 # binutils (tiny test guests). Idempotent; does nothing if all are present.
 set -euo pipefail
 pkgs=(flex bison bc libelf-dev libssl-dev cpio busybox-static qemu-system-x86 binutils e2fsprogs xz-utils make gcc)
+# virtio-net: passt (--net user), iperf3 (throughput), iproute2 (test namespaces).
+pkgs+=(passt iperf3 iproute2)
+pkgs+=(git python3 tar)  # virtio-fs host-side tests (crates/locald-vmm/tests/virtio_fs_host.rs)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

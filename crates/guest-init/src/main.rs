@@ -25,9 +25,11 @@ mod agent;
 mod console;
 mod forward;
 mod mounts;
+mod net;
 mod port;
 mod rootfs;
 mod session;
+mod shares;
 mod shutdown;
 mod spawn;
 mod spec;
@@ -107,9 +109,32 @@ fn run(port: ExitPort) -> Ending {
             return Ending::Exit(CODE_INIT_FAILURE);
         }
     };
+    // Read before the root switch (the file is in the initramfs).
+    let shares = match shares::read(Path::new(spec::SPEC_DIR)) {
+        Ok(s) => s,
+        Err(e) => {
+            console::error("/.locald/shares", e);
+            return Ending::Exit(CODE_INIT_FAILURE);
+        }
+    };
+    // eth0 from /.locald/net, while busybox is still reachable.
+    net::configure(Path::new(spec::SPEC_DIR));
     if let Some(root) = &spec.root {
         if let Err((what, e)) = rootfs::switch_root(root) {
             console::error(what, e);
+            return Ending::Exit(CODE_INIT_FAILURE);
+        }
+    }
+    for share in &shares {
+        if let Err(e) = shares::mount(share) {
+            console::error(
+                format_args!(
+                    "cannot mount share {} at {}",
+                    share.tag.to_string_lossy(),
+                    share.path.to_string_lossy()
+                ),
+                e,
+            );
             return Ending::Exit(CODE_INIT_FAILURE);
         }
     }

@@ -111,6 +111,21 @@ pub(crate) struct RunArgs {
     /// Do not attach the virtio entropy device.
     #[arg(long)]
     no_rng: bool,
+    /// Attach a virtio network card: `user` (unprivileged, through passt;
+    /// `,publish=HOST_PORT:GUEST_PORT` maps host loopback TCP ports),
+    /// `tap=NAME` (an existing TAP) or `tap` (create one; CAP_NET_ADMIN).
+    /// Options: `,mac=XX:…`, `,ip=ADDR/PREFIX|dhcp|none`, `,gw=`, `,dns=`.
+    /// The default guest brings eth0 up (DHCP unless ip= is given).
+    #[arg(long, value_name = "SPEC")]
+    net: Option<String>,
+    /// Share a host directory with the guest over virtio-fs, mounted by
+    /// the default guest at GUEST_PATH (repeatable): HOST_DIR:GUEST_PATH[:ro].
+    #[arg(long, value_name = "HOST_DIR:GUEST_PATH[:ro]")]
+    share: Vec<String>,
+    /// Guest caching of --share directories: never, auto (host edits seen at
+    /// the next open, attributes within 1 s) or always.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    share_cache: String,
     /// Publish a guest TCP port on host loopback: HOST_PORT:GUEST_PORT
     /// (repeatable; carried over vsock, no root needed).
     #[arg(long, short = 'p', value_name = "HOST:GUEST")]
@@ -234,6 +249,23 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         vsock: None,
         agent: false,
         agent_timeout: Duration::from_secs(args.agent_timeout),
+        net: match &args.net {
+            Some(n) => Some(locald_vmm::config::NetConfig::parse(n)?),
+            None => None,
+        },
+        shares: {
+            let cache =
+                locald_vmm::config::ShareCache::parse(&args.share_cache).ok_or_else(|| {
+                    locald_vmm::ConfigError::ShareSpec(
+                        format!("--share-cache {}", args.share_cache),
+                        "expected never, auto or always".into(),
+                    )
+                })?;
+            args.share
+                .iter()
+                .map(|s| locald_vmm::config::ShareConfig::parse(s, cache))
+                .collect::<Result<_, _>>()?
+        },
     })
 }
 

@@ -510,3 +510,85 @@ fn agent_timeout_is_a_clear_error() {
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
 }
+
+/// One boot with two virtio-fs shares: the guest reads a file the host
+/// wrote, writes one the host then reads, sees a host edit made while it
+/// runs, cannot write to the read-only share, and cannot get out of the
+/// share with `..` or a symlink.
+#[test]
+fn virtio_fs_shares() {
+    if !kvm_present() {
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("locald-fs-guest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let rw = base.join("rw");
+    let ro = base.join("ro");
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(base.join("outside"), "host secret\n").unwrap();
+    std::fs::write(rw.join("from-host"), "written by the host\n").unwrap();
+    std::fs::write(rw.join("live"), "v1\n").unwrap();
+    std::fs::write(ro.join("ro-file"), "read only\n").unwrap();
+    std::os::unix::fs::symlink(base.join("outside"), rw.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../outside", rw.join("rel-link")).unwrap();
+    let script = r#"
+        cat /mnt/rw/from-host
+        echo "written by the guest" > /mnt/rw/from-guest
+        touch /mnt/rw/ready
+        i=0; while [ "$(cat /mnt/rw/live)" != v2 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+        echo "live=$(cat /mnt/rw/live)"
+        echo x > /mnt/ro/new 2>/dev/null && echo "ro write ok" || echo "ro write refused"
+        cat /mnt/ro/ro-file
+        ls /mnt/rw/.. | grep -q outside && echo "dotdot escaped" || echo "dotdot stayed"
+        cat /mnt/rw/abs-link 2>/dev/null | grep -q secret && echo "abs escaped" || echo "abs stayed"
+        cat /mnt/rw/rel-link 2>/dev/null | grep -q secret && echo "rel escaped" || echo "rel stayed"
+        grep virtiofs /proc/mounts | cut -d' ' -f1-4
+    "#;
+    let child = vmm()
+        .args(["run", "--timeout", "300"])
+        .arg("--share")
+        .arg(format!("{}:/mnt/rw", rw.display()))
+        .arg("--share")
+        .arg(format!("{}:/mnt/ro:ro", ro.display()))
+        .args(["--", "sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(280);
+    while !rw.join("ready").exists() && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::fs::write(rw.join("live"), "v2\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    for want in [
+        "written by the host",
+        "live=v2",
+        "ro write refused",
+        "read only",
+        "dotdot stayed",
+        "abs stayed",
+        "rel stayed",
+        "locald-share0 /mnt/rw virtiofs rw",
+        "locald-share1 /mnt/ro virtiofs ro",
+    ] {
+        assert!(
+            stdout.contains(want),
+            "missing '{want}' in:\n{stdout}\nstderr:\n{stderr}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(rw.join("from-guest")).unwrap(),
+        "written by the guest\n"
+    );
+    assert!(!ro.join("new").exists());
+    assert_eq!(
+        std::fs::read_to_string(base.join("outside")).unwrap(),
+        "host secret\n"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}

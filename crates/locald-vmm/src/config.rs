@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use crate::devices::virtio::fs::config::ShareConfig;
+pub use crate::devices::virtio::fs::ShareCache;
+pub use crate::devices::virtio::net::config::{GuestNet, NetBackendConfig, NetConfig};
 use crate::error::ConfigError;
 
 /// Smallest guest memory we accept: enough for boot structures and a tiny kernel.
@@ -225,6 +228,12 @@ pub struct VmConfig {
     pub agent: bool,
     /// How long [`crate::RunningVm::wait_ready`] waits for the agent.
     pub agent_timeout: Duration,
+    /// Host directories shared over virtio-fs, mounted by the default
+    /// guest init at their guest paths (one device each).
+    pub shares: Vec<ShareConfig>,
+    /// Attach a virtio network card (TAP or passt backend); the default
+    /// guest init configures its `eth0`.
+    pub net: Option<NetConfig>,
 }
 
 impl Default for VmConfig {
@@ -249,6 +258,8 @@ impl Default for VmConfig {
             vsock: None,
             agent: false,
             agent_timeout: Duration::from_secs(120),
+            shares: Vec::new(),
+            net: None,
         }
     }
 }
@@ -287,8 +298,12 @@ impl VmConfig {
                 return Err(ConfigError::VsockCid(v.guest_cid));
             }
         }
-        let devices =
-            disks.len() + usize::from(self.rng) + usize::from(self.vsock.is_some() || self.agent);
+        let devices = disks.len()
+            + usize::from(self.rng)
+            + usize::from(self.vsock.is_some() || self.agent)
+            + usize::from(self.net.is_some());
+        crate::devices::virtio::fs::config::check_shares(&self.shares)?;
+        let devices = devices + self.shares.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices, MAX_VIRTIO_DEVICES));
         }

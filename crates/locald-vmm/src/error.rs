@@ -30,6 +30,9 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("invalid disk '{0}': {1}")]
     DiskSpec(String, String),
+    /// A `--share` that cannot be used.
+    #[error("invalid share '{0}': {1}")]
+    ShareSpec(String, String),
     #[error("too many virtio devices ({0}); at most {1} fit")]
     TooManyDevices(usize, usize),
 }

@@ -113,6 +113,26 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<kvm::VirtioSpec>, Error> {
             device: Box::new(dev),
         });
     }
+    if let Some(n) = &config.net {
+        let dev =
+            devices::virtio::net::Net::from_config(n).map_err(|e| Error::Device(e.to_string()))?;
+        out.push(kvm::VirtioSpec {
+            name: "virtio-net".into(),
+            device: Box::new(dev),
+        });
+    }
+    for (i, share) in config.shares.iter().enumerate() {
+        let mut opts =
+            devices::virtio::fs::ShareFsOptions::new(&share.host_dir, share.read_only, share.cache);
+        opts.read_only = share.read_only;
+        let fs = devices::virtio::fs::ShareFs::new(opts)
+            .map_err(|e| Error::Device(format!("share {}: {e}", share.host_dir.display())))?;
+        let tag = config::ShareConfig::tag(i);
+        out.push(kvm::VirtioSpec {
+            name: format!("virtio-fs {tag}"),
+            device: Box::new(devices::virtio::fs::Fs::new(&tag, fs)),
+        });
+    }
     if config.rng {
         out.push(kvm::VirtioSpec {
             name: "virtio-rng".into(),
@@ -223,7 +243,33 @@ impl VirtualMachine {
             fstype: r.fstype.clone(),
             read_only: r.disk.read_only,
         });
-        if config.command.is_some() || root.is_some() || config.agent {
+        // A network card on the default guest needs its `/.locald/net`.
+        let net_spec = config
+            .net
+            .as_ref()
+            .filter(|_| default_kernel && config.initrd.is_none())
+            .map(|n| n.guest_spec());
+        // Shares on the default guest: `/.locald/shares` tells init where to mount them.
+        let guest_shares: Vec<assets::GuestShare> = if default_kernel && config.initrd.is_none() {
+            config
+                .shares
+                .iter()
+                .enumerate()
+                .map(|(i, s)| assets::GuestShare {
+                    tag: config::ShareConfig::tag(i),
+                    path: s.guest_path.clone(),
+                    read_only: s.read_only,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if config.command.is_some()
+            || root.is_some()
+            || config.agent
+            || net_spec.is_some()
+            || !guest_shares.is_empty()
+        {
             let Some((_, bytes)) = initrd.as_mut() else {
                 return Err(ConfigError::NeedsGuestInit.into());
             };
@@ -237,6 +283,8 @@ impl VirtualMachine {
                 workdir: config.workdir.clone(),
                 root,
                 agent: config.agent,
+                net: net_spec,
+                shares: guest_shares,
             }));
         }
         let mut cmdline = BASE_CMDLINE.to_string();

@@ -720,6 +720,24 @@ pub struct GuestCommand {
     /// Agent mode: the init starts the guest agent (`/.locald/agent`)
     /// instead of running `argv`.
     pub agent: bool,
+    /// virtio-fs shares to mount, written to `/.locald/shares`.
+    pub shares: Vec<GuestShare>,
+    /// Network configuration for `eth0`, written to `/.locald/net`
+    /// (`KEY=VALUE` lines, see `NetConfig::guest_spec`).
+    pub net: Option<String>,
+}
+
+/// A virtio-fs share the guest init mounts (after the root switch) — all
+/// of them written to `/.locald/shares` as `TAG\0PATH\0MODE\0` per share,
+/// MODE `rw` or `ro`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestShare {
+    /// virtio-fs mount tag.
+    pub tag: String,
+    /// Absolute guest path (created if missing).
+    pub path: String,
+    /// Mount read-only.
+    pub read_only: bool,
 }
 
 /// A disk the guest init mounts as `/` (written to `/.locald/root` as
@@ -776,6 +794,20 @@ pub fn command_archive(cmd: &GuestCommand) -> Vec<u8> {
         }
         if cmd.agent {
             b.file(".locald/agent", 0o644, b"1\n")?;
+        }
+        if !cmd.shares.is_empty() {
+            let mut spec = Vec::new();
+            for s in &cmd.shares {
+                for field in [&s.tag, &s.path] {
+                    spec.extend_from_slice(until_nul(field));
+                    spec.push(0);
+                }
+                spec.extend_from_slice(if s.read_only { b"ro\0" } else { b"rw\0" });
+            }
+            b.file(".locald/shares", 0o644, &spec)?;
+        }
+        if let Some(n) = &cmd.net {
+            b.file(".locald/net", 0o644, until_nul(n))?;
         }
         if let Some(r) = &cmd.root {
             let mut spec = Vec::new();

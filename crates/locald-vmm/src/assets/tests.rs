@@ -207,6 +207,19 @@ fn command_archive_round_trip() {
             read_only: true,
         }),
         agent: true,
+        net: Some("mode=dhcp\n".into()),
+        shares: vec![
+            crate::assets::GuestShare {
+                tag: "locald-share0".into(),
+                path: "/mnt/src".into(),
+                read_only: false,
+            },
+            crate::assets::GuestShare {
+                tag: "locald-share1".into(),
+                path: "/data".into(),
+                read_only: true,
+            },
+        ],
     };
     let a = command_archive(&cmd);
     assert_eq!(a.len() % 4, 0);
@@ -217,6 +230,11 @@ fn command_archive_round_trip() {
     assert_eq!(get(".locald/workdir"), b"/srv/app");
     assert_eq!(get(".locald/root"), b"/dev/vda\0ext4\0ro\0");
     assert_eq!(get(".locald/agent"), b"1\n");
+    assert_eq!(get(".locald/net"), b"mode=dhcp\n");
+    assert_eq!(
+        get(".locald/shares"),
+        b"locald-share0\0/mnt/src\0rw\0locald-share1\0/data\0ro\0"
+    );
 
     // Independent check with the host cpio.
     let dir = temp_dir("cmd");

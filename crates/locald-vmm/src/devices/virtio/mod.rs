@@ -17,7 +17,9 @@
 //! DEVICE_NEEDS_RESET, logging each cause at most once ([`Warned`]).
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 pub mod worker;
@@ -33,10 +35,14 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod device_type {
     /// Block device.
     pub const BLOCK: u32 = 2;
+    /// Network card.
+    pub const NET: u32 = 1;
     /// Entropy source.
     pub const RNG: u32 = 4;
     /// Socket device (vsock).
     pub const VSOCK: u32 = 19;
+    /// File system device (virtio-fs).
+    pub const FS: u32 = 26;
 }
 
 /// VIRTIO_F_VERSION_1: the modern interface (we offer nothing else).
@@ -101,6 +107,72 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// Outcome of one pass over a queue.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Chains completed.
+    pub completed: usize,
+    /// The guest should be interrupted.
+    pub notify: bool,
+    /// The queue is broken; the device needs a reset.
+    pub broken: bool,
+}
+
+/// The common queue loop of simple devices: with notifications disabled,
+/// hands each available chain to `serve` (which returns the bytes it wrote
+/// into the chain) and completes it, until — with notifications enabled
+/// again — the driver has added nothing new (the EVENT_IDX-safe pattern).
+/// A broken ring (e.g. an avail index that ran ahead) ends the pass with
+/// `broken`, logged once under `device`.
+pub fn drain_queue(
+    device: &str,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    warned: &mut Warned,
+    mut serve: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>, &mut Warned) -> u32,
+) -> Pass {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    let mut pass = Pass::default();
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            warned.warn(device, "queue unusable", e);
+            pass.broken = true;
+            return pass;
+        }
+        let chains = match queue.iter(mem) {
+            Ok(it) => it.collect::<Vec<_>>(),
+            Err(e) => {
+                warned.warn(device, "queue unusable", e);
+                pass.broken = true;
+                return pass;
+            }
+        };
+        for chain in chains {
+            let head = chain.head_index();
+            let written = serve(chain, warned);
+            if let Err(e) = queue.add_used(mem, head, written) {
+                warned.warn(device, "used ring write failed", e);
+                pass.broken = true;
+                return pass;
+            }
+            pass.completed += 1;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                warned.warn(device, "queue unusable", e);
+                pass.broken = true;
+                return pass;
+            }
+        }
+    }
+    if pass.completed > 0 {
+        pass.notify = queue.needs_notification(mem).unwrap_or(true);
+    }
+    pass
+}
+
 /// Copies `config[offset..]` into `data`, zero-filling past the end: the
 /// common body of [`VirtioDevice::read_config`].
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
@@ -139,6 +211,12 @@ impl Interrupt {
     /// Tells the driver that used buffers are ready.
     pub fn signal_used(&self) {
         self.raise(INT_USED_RING);
+    }
+
+    /// Tells the driver that the device configuration changed (e.g. a
+    /// network link went down).
+    pub fn signal_config(&self) {
+        self.raise(INT_CONFIG);
     }
 
     /// Marks the device as needing a reset and tells the driver.

@@ -9,12 +9,14 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::worker::{QueueHandler, Worker};
+pub use super::Pass;
 use super::{
-    device_type, ActivateError, Activation, Interrupt, VirtioDevice, Warned, COMMON_FEATURES,
+    device_type, drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, Warned,
+    COMMON_FEATURES,
 };
 
 /// Queue size.
@@ -23,82 +25,35 @@ pub const QUEUE_SIZE: u16 = 256;
 /// cost unbounded host work.
 pub const MAX_BYTES_PER_REQUEST: u32 = 64 * 1024;
 
-/// Outcome of one pass over the queue.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Pass {
-    /// Chains completed.
-    pub completed: usize,
-    /// The guest should be interrupted.
-    pub notify: bool,
-    /// The queue is broken; the device needs a reset.
-    pub broken: bool,
-}
-
 /// Fills every available chain with random bytes.
 pub fn process_queue(queue: &mut Queue, mem: &GuestMemoryMmap, warned: &mut Warned) -> Pass {
-    let mut pass = Pass::default();
     let mut buf = vec![0u8; 4096];
-    loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            warned.warn("virtio-rng", "queue unusable", e);
-            pass.broken = true;
-            return pass;
-        }
-        let chains = match queue.iter(mem) {
-            Ok(it) => it.collect::<Vec<_>>(),
-            Err(e) => {
-                warned.warn("virtio-rng", "queue unusable", e);
-                pass.broken = true;
-                return pass;
+    drain_queue("virtio-rng", queue, mem, warned, |chain, warned| {
+        let mut written: u32 = 0;
+        for desc in chain {
+            if !desc.is_write_only() {
+                warned.warn("virtio-rng", "device-readable descriptor", desc.addr().0);
+                continue;
             }
-        };
-        for chain in chains {
-            let head = chain.head_index();
-            let mut written: u32 = 0;
-            for desc in chain {
-                if !desc.is_write_only() {
-                    warned.warn("virtio-rng", "device-readable descriptor", desc.addr().0);
-                    continue;
-                }
-                let mut left = desc.len().min(MAX_BYTES_PER_REQUEST - written);
-                let mut addr = desc.addr();
-                while left > 0 {
-                    let n = (left as usize).min(buf.len());
-                    fill_random(&mut buf[..n]);
-                    if let Err(e) = mem.write_slice(&buf[..n], addr) {
-                        warned.warn("virtio-rng", "buffer outside guest memory", e);
-                        left = 0;
-                        continue;
-                    }
-                    written += n as u32;
-                    left -= n as u32;
-                    addr = addr.unchecked_add(n as u64);
-                }
-                if written >= MAX_BYTES_PER_REQUEST {
+            let mut left = desc.len().min(MAX_BYTES_PER_REQUEST - written);
+            let mut addr = desc.addr();
+            while left > 0 {
+                let n = (left as usize).min(buf.len());
+                fill_random(&mut buf[..n]);
+                if let Err(e) = mem.write_slice(&buf[..n], addr) {
+                    warned.warn("virtio-rng", "buffer outside guest memory", e);
                     break;
                 }
+                written += n as u32;
+                left -= n as u32;
+                addr = addr.unchecked_add(n as u64);
             }
-            if let Err(e) = queue.add_used(mem, head, written) {
-                warned.warn("virtio-rng", "used ring write failed", e);
-                pass.broken = true;
-                return pass;
-            }
-            pass.completed += 1;
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                warned.warn("virtio-rng", "queue unusable", e);
-                pass.broken = true;
-                return pass;
+            if written >= MAX_BYTES_PER_REQUEST {
+                break;
             }
         }
-    }
-    if pass.completed > 0 {
-        pass.notify = queue.needs_notification(mem).unwrap_or(true);
-    }
-    pass
+        written
+    })
 }
 
 /// Fills `buf` from the host's getrandom (blocking only before the host

@@ -1,0 +1,806 @@
+//! [`ShareFs`]: the FUSE file system behind one virtio-fs share — the
+//! `fuse-backend-rs` [`PassthroughFs`] wrapped in the policy this project
+//! adds on top of it (see `docs/virtio-fs.md`):
+//!
+//! - **confinement**: names are single components (no `/`, `..` at the
+//!   share root is the root itself); every host lookup is one `openat` with
+//!   `O_PATH | O_NOFOLLOW` relative to the parent's fd, so the server never
+//!   follows a symlink on the host; regular files and directories are
+//!   reopened through `/proc/self/fd` of an fd we already hold (never by
+//!   path), and nothing else is opened; directories on another mount (a
+//!   mount point under the share, including bind mounts of the same file
+//!   system) are refused with `EXDEV`;
+//! - **read-only shares** answer every request that would change the host
+//!   tree with `EROFS`;
+//! - **no device nodes, no set-id files**: `mknod` of a character or block
+//!   device gives `EPERM`; set-user-id (and, on non-directories,
+//!   set-group-id) bits are dropped from every mode the guest sets;
+//! - **ids**: a VMM running as root creates files with the guest caller's
+//!   uid/gid; any other host user serves every request as itself;
+//! - **bounded host fds**: at most `max_inodes` inodes (one `O_PATH` fd each)
+//!   and `max_handles` open files; past that, requests fail with `ENFILE`
+//!   (`READDIRPLUS` degrades to plain entries instead).
+//!
+//! Runs on the device's worker thread (or, in the host-side tests and the
+//! benchmark, on the thread serving `/dev/fuse`); all state is behind
+//! atomics and one mutex.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
+};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileLock, FileSystem, GetxattrReply, IoctlData, ListxattrReply,
+    ZeroCopyReader, ZeroCopyWriter,
+};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+
+/// FUSE inode number of the share root.
+pub const ROOT_INODE: u64 = 1;
+
+/// How the guest kernel caches what it reads from a share.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ShareCache {
+    /// No caching: every read and write goes to the host (direct I/O), and
+    /// names and attributes are looked up again each time. Host edits are
+    /// seen at once; shared `mmap` needs a kernel that allows it on direct
+    /// I/O files.
+    Never,
+    /// The default: file data is cached while a file stays open and dropped
+    /// at each open; names and attributes are trusted for 1 s. A host edit
+    /// is seen by the next `open` (attributes within 1 s).
+    #[default]
+    Auto,
+    /// Everything cached for a day: fastest, for trees the host does not
+    /// change while the VM runs.
+    Always,
+}
+
+impl ShareCache {
+    /// Parses `never`, `auto` or `always`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "never" => Some(Self::Never),
+            "auto" => Some(Self::Auto),
+            "always" => Some(Self::Always),
+            _ => None,
+        }
+    }
+
+    /// The name [`ShareCache::parse`] accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Never => "never",
+            Self::Auto => "auto",
+            Self::Always => "always",
+        }
+    }
+
+    fn timeout(self) -> Duration {
+        match self {
+            Self::Never => Duration::ZERO,
+            Self::Auto => Duration::from_secs(1),
+            Self::Always => Duration::from_secs(86_400),
+        }
+    }
+
+    fn policy(self) -> CachePolicy {
+        match self {
+            Self::Never => CachePolicy::Never,
+            Self::Auto => CachePolicy::Auto,
+            Self::Always => CachePolicy::Always,
+        }
+    }
+}
+
+/// How one share is served.
+#[derive(Clone, Debug)]
+pub struct ShareFsOptions {
+    /// Host directory (made absolute and canonical by [`ShareFs::new`]).
+    pub root: PathBuf,
+    /// Refuse every change with `EROFS`.
+    pub read_only: bool,
+    /// Guest caching.
+    pub cache: ShareCache,
+    /// Most inodes (host `O_PATH` fds) held at once.
+    pub max_inodes: usize,
+    /// Most open files and directories at once.
+    pub max_handles: usize,
+}
+
+impl ShareFsOptions {
+    /// Options with the default limits: a quarter of the fd limit for
+    /// handles (at most 4096), the rest but 256 for inodes.
+    pub fn new(root: impl Into<PathBuf>, read_only: bool, cache: ShareCache) -> Self {
+        let fds = fd_limit();
+        let max_handles = (fds / 4).clamp(16, 4096);
+        let max_inodes = fds.saturating_sub(max_handles + 256).max(64);
+        ShareFsOptions {
+            root: root.into(),
+            read_only,
+            cache,
+            max_inodes,
+            max_handles,
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard one (once) and returns it.
+pub fn fd_limit() -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes only the rlimit we pass.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            // SAFETY: setrlimit reads only the rlimit we pass.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        usize::try_from(lim.rlim_cur)
+            .unwrap_or(usize::MAX)
+            .min(1 << 20)
+    })
+}
+
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// Mount id and device of `path` (not following a final symlink).
+fn mount_of(path: &CStr) -> io::Result<(u64, u64)> {
+    // SAFETY: statx is plain data; all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stx` is a valid out buffer.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(err(libc::ENOSYS));
+    }
+    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    Ok((stx.stx_mnt_id, dev))
+}
+
+/// Drops set-id bits the guest may not plant on the host.
+fn safe_mode(mode: u32) -> u32 {
+    let mut m = mode & !libc::S_ISUID;
+    if m & libc::S_IFMT != libc::S_IFDIR {
+        m &= !libc::S_ISGID;
+    }
+    m
+}
+
+/// Open flags that can change a file.
+const WRITE_OPEN_FLAGS: u32 =
+    (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_CREAT | libc::O_APPEND) as u32;
+
+/// The file system of one share.
+pub struct ShareFs {
+    inner: PassthroughFs,
+    opts: ShareFsOptions,
+    root_mnt: u64,
+    root_dev: u64,
+    host_root: bool,
+    /// Inode → lookup count, as handed to the kernel.
+    inodes: Mutex<HashMap<u64, u64>>,
+    handles: AtomicUsize,
+}
+
+impl ShareFs {
+    /// Serves `opts.root`, which must be an existing directory.
+    pub fn new(mut opts: ShareFsOptions) -> io::Result<Self> {
+        let root = std::fs::canonicalize(&opts.root)?;
+        if !root.is_dir() {
+            return Err(err(libc::ENOTDIR));
+        }
+        opts.root = root;
+        let croot =
+            CString::new(opts.root.as_os_str().as_bytes()).map_err(|_| err(libc::EINVAL))?;
+        let (root_mnt, root_dev) = mount_of(&croot)?;
+        let t = opts.cache.timeout();
+        let cfg = Config {
+            root_dir: opts.root.to_string_lossy().into_owned(),
+            cache_policy: opts.cache.policy(),
+            attr_timeout: t,
+            entry_timeout: t,
+            xattr: true,
+            do_import: true,
+            writeback: false,
+            no_open: false,
+            no_opendir: false,
+            killpriv_v2: false,
+            inode_file_handles: false,
+            ..Default::default()
+        };
+        let inner = PassthroughFs::new(cfg)?;
+        // Loads the root inode (also done again by `init`).
+        inner.import()?;
+        // SAFETY: geteuid has no preconditions.
+        let host_root = unsafe { libc::geteuid() } == 0;
+        let mut inodes = HashMap::new();
+        inodes.insert(ROOT_INODE, 1);
+        Ok(ShareFs {
+            inner,
+            opts,
+            root_mnt,
+            root_dev,
+            host_root,
+            inodes: Mutex::new(inodes),
+            handles: AtomicUsize::new(0),
+        })
+    }
+
+    /// The options in force (canonical root).
+    pub fn options(&self) -> &ShareFsOptions {
+        &self.opts
+    }
+
+    /// Inodes currently held (root included).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Open files and directories currently held.
+    pub fn handle_count(&self) -> usize {
+        self.handles.load(Ordering::Relaxed)
+    }
+
+    fn writable(&self) -> io::Result<()> {
+        if self.opts.read_only {
+            Err(err(libc::EROFS))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Checks a directory the inner fs just returned is on the share's own
+    /// mount (a mount point under the share is not crossed).
+    fn same_mount(&self, e: &Entry) -> bool {
+        if e.attr.st_dev != self.root_dev {
+            return false;
+        }
+        if e.attr.st_mode & libc::S_IFMT != libc::S_IFDIR || e.inode == ROOT_INODE {
+            return true;
+        }
+        let Ok(path) = self.inner.readlinkat_proc_file(e.inode) else {
+            return false;
+        };
+        if !path.starts_with(&self.opts.root) {
+            return false;
+        }
+        let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+            return false;
+        };
+        matches!(mount_of(&c), Ok((mnt, _)) if mnt == self.root_mnt)
+    }
+
+    /// Accounts for an entry the inner fs returned (its lookup count went
+    /// up by one): refuses it when it is on another mount or when a new
+    /// inode would pass the limit. The caller gives the inner reference
+    /// back on refusal.
+    fn check(&self, e: &Entry) -> Result<(), i32> {
+        if e.inode == 0 {
+            return Ok(());
+        }
+        if !self.same_mount(e) {
+            return Err(libc::EXDEV);
+        }
+        let mut map = self.inodes.lock().map_err(|_| libc::EIO)?;
+        if !map.contains_key(&e.inode) && map.len() >= self.opts.max_inodes {
+            return Err(libc::ENFILE);
+        }
+        *map.entry(e.inode).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// [`Self::check`], giving the inner reference back on refusal.
+    fn admit(&self, ctx: &Context, e: Entry) -> io::Result<Entry> {
+        match self.check(&e) {
+            Ok(()) => Ok(e),
+            Err(code) => {
+                self.inner.forget(ctx, e.inode, 1);
+                Err(err(code))
+            }
+        }
+    }
+
+    fn forget_counted(&self, inode: u64, count: u64) {
+        if let Ok(mut map) = self.inodes.lock() {
+            if let Some(n) = map.get_mut(&inode) {
+                *n = n.saturating_sub(count);
+                if *n == 0 && inode != ROOT_INODE {
+                    map.remove(&inode);
+                }
+            }
+        }
+    }
+
+    fn take_handle(&self) -> io::Result<()> {
+        let n = self.handles.fetch_add(1, Ordering::AcqRel);
+        if n >= self.opts.max_handles {
+            self.handles.fetch_sub(1, Ordering::AcqRel);
+            return Err(err(libc::ENFILE));
+        }
+        Ok(())
+    }
+
+    fn put_handle(&self) {
+        let _ = self
+            .handles
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
+/// Whether `p` is the share root or below it (for tests and docs).
+pub fn is_within(root: &Path, p: &Path) -> bool {
+    p.starts_with(root)
+}
+
+impl FileSystem for ShareFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let mut opts = self.inner.init(capable)?;
+        // Locks stay in the guest kernel (local to the VM): we never block
+        // the worker on a host lock.
+        opts.remove(FsOptions::POSIX_LOCKS | FsOptions::FLOCK_LOCKS);
+        Ok(opts)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy();
+        if let Ok(mut m) = self.inodes.lock() {
+            m.retain(|&k, _| k == ROOT_INODE);
+        }
+        self.handles.store(0, Ordering::Relaxed);
+    }
+
+    fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
+        if !self.host_root {
+            // An ordinary host user cannot switch ids: serve as ourselves
+            // (uid/gid 0 means "no switch" to the inner fs).
+            ctx.uid = 0;
+            ctx.gid = 0;
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let e = self.inner.lookup(ctx, parent, name)?;
+        self.admit(ctx, e)
+    }
+
+    fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.forget_counted(inode, count);
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        for &(i, c) in &requests {
+            self.forget_counted(i, c);
+        }
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        mut attr: stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.writable()?;
+        if valid.contains(SetattrValid::MODE) {
+            attr.st_mode = safe_mode(attr.st_mode);
+        }
+        self.inner.setattr(ctx, inode, attr, handle, valid)
+    }
+
+    fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        let e = self.inner.symlink(ctx, linkname, parent, name)?;
+        self.admit(ctx, e)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        let kind = mode & libc::S_IFMT;
+        if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
+            return Err(err(libc::EPERM));
+        }
+        let e = self
+            .inner
+            .mknod(ctx, inode, name, safe_mode(mode), rdev, umask)?;
+        self.admit(ctx, e)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.writable()?;
+        let e = self.inner.mkdir(
+            ctx,
+            parent,
+            name,
+            (mode & !libc::S_ISUID) | libc::S_IFDIR,
+            umask,
+        )?;
+        self.admit(ctx, e)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        self.inner.unlink(ctx, parent, name)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        self.inner.rmdir(ctx, parent, name)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.inner
+            .rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        self.writable()?;
+        let e = self.inner.link(ctx, inode, newparent, newname)?;
+        self.admit(ctx, e)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        if flags & WRITE_OPEN_FLAGS != 0 {
+            self.writable()?;
+        }
+        self.take_handle()?;
+        let r = self.inner.open(ctx, inode, flags, fuse_flags);
+        if !matches!(r, Ok((Some(_), _, _))) {
+            self.put_handle();
+        }
+        r
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mut args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        self.writable()?;
+        self.take_handle()?;
+        args.mode = safe_mode(args.mode);
+        let (e, h, o, x) = match self.inner.create(ctx, parent, name, args) {
+            Ok(r) => r,
+            Err(e) => {
+                self.put_handle();
+                return Err(e);
+            }
+        };
+        if h.is_none() {
+            self.put_handle();
+        }
+        match self.admit(ctx, e) {
+            Ok(e) => Ok((e, h, o, x)),
+            Err(er) => {
+                if let Some(h) = h {
+                    let _ = self.release(ctx, e.inode, 0, h, false, false, None);
+                }
+                Err(er)
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.writable()?;
+        self.inner.write(
+            ctx,
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.inner
+            .fallocate(ctx, inode, handle, mode, offset, length)
+    }
+
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        handle: u64,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        let r = self
+            .inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner);
+        if r.is_ok() {
+            self.put_handle();
+        }
+        r
+    }
+
+    fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
+        let mut s = self.inner.statfs(ctx, inode)?;
+        if self.opts.read_only {
+            s.f_flag |= libc::ST_RDONLY;
+        }
+        Ok(s)
+    }
+
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.inner.setxattr(ctx, inode, name, value, flags)
+    }
+
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        self.inner.getxattr(ctx, inode, name, size)
+    }
+
+    fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        self.inner.listxattr(ctx, inode, size)
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        self.inner.removexattr(ctx, inode, name)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        self.take_handle()?;
+        let r = self.inner.opendir(ctx, inode, flags);
+        if !matches!(r, Ok((Some(_), _))) {
+            self.put_handle();
+        }
+        r
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdir(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdirplus(ctx, inode, handle, size, offset, &mut |d, e| {
+                let ino = e.inode;
+                let admitted = self.check(&e).is_ok();
+                // Refused (over the limit, or another mount): a plain entry;
+                // inode 0 carries no lookup reference.
+                let sent = if admitted { e } else { Entry { inode: 0, ..e } };
+                let n = add_entry(d, sent)?;
+                if n == 0 {
+                    // Not sent (buffer full): the inner fs gives its
+                    // reference back itself.
+                    if admitted {
+                        self.forget_counted(ino, 1);
+                    }
+                } else if !admitted {
+                    self.inner.forget(ctx, ino, 1);
+                }
+                Ok(n)
+            })
+    }
+
+    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        let r = self.inner.releasedir(ctx, inode, flags, handle);
+        if r.is_ok() {
+            self.put_handle();
+        }
+        r
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        if mask & libc::W_OK as u32 != 0 {
+            self.writable()?;
+        }
+        self.inner.access(ctx, inode, mask)
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+
+    fn getlk(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _handle: u64,
+        _owner: u64,
+        _lock: FileLock,
+        _flags: u32,
+    ) -> io::Result<FileLock> {
+        Err(err(libc::ENOSYS))
+    }
+
+    fn ioctl(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _handle: u64,
+        _flags: u32,
+        _cmd: u32,
+        _data: IoctlData,
+        _out_size: u32,
+    ) -> io::Result<IoctlData<'_>> {
+        Err(err(libc::ENOTTY))
+    }
+}

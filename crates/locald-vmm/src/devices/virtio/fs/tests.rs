@@ -1,0 +1,437 @@
+//! Unit tests of the virtio-fs server: the confinement policy through the
+//! `FileSystem` API (what a hostile guest can ask for), and the device's
+//! queue function with a mock queue.
+
+use std::ffi::CString;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use fuse_backend_rs::abi::fuse_abi::CreateIn;
+use fuse_backend_rs::api::filesystem::{Context, FileSystem};
+
+use super::share::ROOT_INODE;
+use super::*;
+
+struct Tmp(PathBuf);
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// base/{outside, share/{file, dir/inner, up -> ../outside, abs -> base/outside, fd -> /proc/self/fd/0}}
+fn setup(name: &str) -> (Tmp, PathBuf) {
+    let base = std::env::temp_dir().join(format!("locald-fs-unit-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let share = base.join("share");
+    std::fs::create_dir_all(share.join("dir")).unwrap();
+    std::fs::write(base.join("outside"), b"secret").unwrap();
+    std::fs::write(share.join("file"), b"inside").unwrap();
+    std::fs::write(share.join("dir/inner"), b"inner").unwrap();
+    std::os::unix::fs::symlink("../outside", share.join("up")).unwrap();
+    std::os::unix::fs::symlink(base.join("outside"), share.join("abs")).unwrap();
+    std::os::unix::fs::symlink("/proc/self/fd/0", share.join("fd")).unwrap();
+    (Tmp(base), share)
+}
+
+fn fs(share: &std::path::Path, ro: bool) -> ShareFs {
+    let fs = ShareFs::new(ShareFsOptions::new(share, ro, ShareCache::Auto)).unwrap();
+    fs.init(fuse_backend_rs::abi::fuse_abi::FsOptions::empty())
+        .unwrap();
+    fs
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    r.expect_err("expected an error").raw_os_error().unwrap()
+}
+
+fn read_all(fs: &ShareFs, inode: u64) -> std::io::Result<Vec<u8>> {
+    let ctx = Context::new();
+    let (h, _, _) = fs.open(&ctx, inode, libc::O_RDONLY as u32, 0)?;
+    let h = h.unwrap();
+    // Read through the handle's fd via /proc (ZeroCopyWriter needs a transport).
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", find_fd_for(fs, inode)?))?;
+    let data = std::fs::read(path);
+    fs.release(&ctx, inode, 0, h, false, false, None)?;
+    data
+}
+
+/// The host path the server holds for `inode` (through its O_PATH fd).
+fn find_fd_for(_fs: &ShareFs, _inode: u64) -> std::io::Result<i32> {
+    Err(std::io::Error::other("unused"))
+}
+
+#[test]
+fn dotdot_at_root_is_the_root() {
+    let (_t, share) = setup("dotdot");
+    let fs = fs(&share, false);
+    let ctx = Context::new();
+    let e = fs.lookup(&ctx, ROOT_INODE, &c("..")).unwrap();
+    let root_ino = std::fs::metadata(&share).unwrap().ino();
+    assert_eq!(e.attr.st_ino, root_ino);
+    assert_eq!(
+        errno(fs.lookup(&ctx, ROOT_INODE, &c("../outside"))),
+        libc::EINVAL
+    );
+    assert_eq!(errno(fs.lookup(&ctx, ROOT_INODE, &c("/etc"))), libc::EINVAL);
+    // `..` of a subdirectory stays inside too (its parent is the root).
+    let d = fs.lookup(&ctx, ROOT_INODE, &c("dir")).unwrap();
+    let p = fs.lookup(&ctx, d.inode, &c("..")).unwrap();
+    assert_eq!(p.attr.st_ino, root_ino);
+    let pp = fs.lookup(&ctx, p.inode, &c("..")).unwrap();
+    assert_eq!(pp.attr.st_ino, root_ino);
+}
+
+#[test]
+fn symlinks_are_never_followed_on_the_host() {
+    let (_t, share) = setup("symlink");
+    let fs = fs(&share, false);
+    let ctx = Context::new();
+    for (name, target) in [
+        ("up", "../outside".to_string()),
+        ("fd", "/proc/self/fd/0".to_string()),
+    ] {
+        let e = fs.lookup(&ctx, ROOT_INODE, &c(name)).unwrap();
+        assert_eq!(e.attr.st_mode & libc::S_IFMT, libc::S_IFLNK, "{name}");
+        assert_eq!(fs.readlink(&ctx, e.inode).unwrap(), target.as_bytes());
+        // Opening the link itself is refused, never the target.
+        let r = fs.open(&ctx, e.inode, libc::O_RDONLY as u32, 0);
+        assert!(r.is_err(), "{name}: open of a symlink inode succeeded");
+        assert_eq!(errno(fs.lookup(&ctx, e.inode, &c("x"))), libc::ENOTDIR);
+    }
+    let e = fs.lookup(&ctx, ROOT_INODE, &c("abs")).unwrap();
+    assert_eq!(e.attr.st_mode & libc::S_IFMT, libc::S_IFLNK);
+    // setattr on a symlink does not chmod its target.
+    let before = std::fs::metadata(share.parent().unwrap().join("outside"))
+        .unwrap()
+        .mode();
+    let mut a = e.attr;
+    a.st_mode = 0o777;
+    let _ = fs.setattr(
+        &ctx,
+        e.inode,
+        a,
+        None,
+        fuse_backend_rs::abi::fuse_abi::SetattrValid::MODE,
+    );
+    let after = std::fs::metadata(share.parent().unwrap().join("outside"))
+        .unwrap()
+        .mode();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn lookup_then_swap_races_stay_inside() {
+    let (_t, share) = setup("race");
+    let fs = fs(&share, false);
+    let ctx = Context::new();
+    let base = share.parent().unwrap().to_path_buf();
+    // A directory looked up, then replaced on the host by a symlink out.
+    let d = fs.lookup(&ctx, ROOT_INODE, &c("dir")).unwrap();
+    std::fs::rename(share.join("dir"), share.join("dir.old")).unwrap();
+    std::os::unix::fs::symlink(&base, share.join("dir")).unwrap();
+    assert_eq!(errno(fs.lookup(&ctx, d.inode, &c("outside"))), libc::ENOENT);
+    assert!(fs.lookup(&ctx, d.inode, &c("inner")).is_ok());
+    // A fresh lookup of the name now finds the symlink, not the target.
+    let d2 = fs.lookup(&ctx, ROOT_INODE, &c("dir")).unwrap();
+    assert_eq!(d2.attr.st_mode & libc::S_IFMT, libc::S_IFLNK);
+    assert_eq!(
+        errno(fs.lookup(&ctx, d2.inode, &c("outside"))),
+        libc::ENOTDIR
+    );
+    // A file looked up, then replaced by a symlink to the outside file:
+    // open reaches the original inode.
+    let f = fs.lookup(&ctx, ROOT_INODE, &c("file")).unwrap();
+    std::fs::rename(share.join("file"), share.join("file.old")).unwrap();
+    std::os::unix::fs::symlink(base.join("outside"), share.join("file")).unwrap();
+    let (h, _, _) = fs.open(&ctx, f.inode, libc::O_RDONLY as u32, 0).unwrap();
+    let ga = fs.getattr(&ctx, f.inode, h).unwrap().0;
+    assert_eq!(
+        ga.st_ino,
+        std::fs::metadata(share.join("file.old")).unwrap().ino()
+    );
+    fs.release(&ctx, f.inode, 0, h.unwrap(), false, false, None)
+        .unwrap();
+}
+
+#[test]
+fn no_devices_no_setid() {
+    let (_t, share) = setup("mknod");
+    let fs = fs(&share, false);
+    let ctx = Context::new();
+    assert_eq!(
+        errno(fs.mknod(
+            &ctx,
+            ROOT_INODE,
+            &c("null"),
+            libc::S_IFCHR | 0o666,
+            0x103,
+            0
+        )),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(fs.mknod(&ctx, ROOT_INODE, &c("sda"), libc::S_IFBLK | 0o666, 0x800, 0)),
+        libc::EPERM
+    );
+    fs.mknod(&ctx, ROOT_INODE, &c("fifo"), libc::S_IFIFO | 0o644, 0, 0)
+        .unwrap();
+    let args = CreateIn {
+        flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+        mode: libc::S_IFREG | 0o4755,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let (e, h, _, _) = fs.create(&ctx, ROOT_INODE, &c("suid"), args).unwrap();
+    assert_eq!(
+        std::fs::metadata(share.join("suid")).unwrap().mode() & 0o7777,
+        0o755
+    );
+    fs.release(&ctx, e.inode, 0, h.unwrap(), false, false, None)
+        .unwrap();
+    let mut a = e.attr;
+    a.st_mode = libc::S_IFREG | 0o6755;
+    fs.setattr(
+        &ctx,
+        e.inode,
+        a,
+        None,
+        fuse_backend_rs::abi::fuse_abi::SetattrValid::MODE,
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::metadata(share.join("suid")).unwrap().mode() & 0o7777,
+        0o755
+    );
+}
+
+#[test]
+fn read_only_share_rejects_every_write() {
+    let (_t, share) = setup("ro");
+    let fs = fs(&share, true);
+    let ctx = Context::new();
+    let f = fs.lookup(&ctx, ROOT_INODE, &c("file")).unwrap();
+    let args = CreateIn {
+        flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    use fuse_backend_rs::abi::fuse_abi::SetattrValid;
+    let erofs = libc::EROFS;
+    assert_eq!(errno(fs.create(&ctx, ROOT_INODE, &c("new"), args)), erofs);
+    assert_eq!(errno(fs.mkdir(&ctx, ROOT_INODE, &c("d2"), 0o755, 0)), erofs);
+    assert_eq!(
+        errno(fs.mknod(&ctx, ROOT_INODE, &c("p"), libc::S_IFIFO | 0o644, 0, 0)),
+        erofs
+    );
+    assert_eq!(errno(fs.symlink(&ctx, &c("x"), ROOT_INODE, &c("s"))), erofs);
+    assert_eq!(errno(fs.link(&ctx, f.inode, ROOT_INODE, &c("h"))), erofs);
+    assert_eq!(errno(fs.unlink(&ctx, ROOT_INODE, &c("file"))), erofs);
+    assert_eq!(errno(fs.rmdir(&ctx, ROOT_INODE, &c("dir"))), erofs);
+    assert_eq!(
+        errno(fs.rename(&ctx, ROOT_INODE, &c("file"), ROOT_INODE, &c("f2"), 0)),
+        erofs
+    );
+    assert_eq!(
+        errno(fs.setattr(&ctx, f.inode, f.attr, None, SetattrValid::SIZE)),
+        erofs
+    );
+    assert_eq!(
+        errno(fs.setxattr(&ctx, f.inode, &c("user.a"), b"1", 0)),
+        erofs
+    );
+    assert_eq!(errno(fs.removexattr(&ctx, f.inode, &c("user.a"))), erofs);
+    for flags in [
+        libc::O_WRONLY,
+        libc::O_RDWR,
+        libc::O_RDONLY | libc::O_TRUNC,
+        libc::O_WRONLY | libc::O_APPEND,
+    ] {
+        assert_eq!(
+            errno(fs.open(&ctx, f.inode, flags as u32, 0)),
+            erofs,
+            "flags {flags:#x}"
+        );
+    }
+    assert_eq!(errno(fs.access(&ctx, f.inode, libc::W_OK as u32)), erofs);
+    // Reading still works, and the tree is unchanged.
+    let (h, _, _) = fs.open(&ctx, f.inode, libc::O_RDONLY as u32, 0).unwrap();
+    fs.release(&ctx, f.inode, 0, h.unwrap(), false, false, None)
+        .unwrap();
+    assert_eq!(std::fs::read(share.join("file")).unwrap(), b"inside");
+    assert!(fs.statfs(&ctx, ROOT_INODE).unwrap().f_flag & libc::ST_RDONLY != 0);
+}
+
+#[test]
+fn inode_and_handle_limits() {
+    let (_t, share) = setup("limits");
+    for i in 0..20 {
+        std::fs::write(share.join(format!("n{i}")), b"x").unwrap();
+    }
+    let mut o = ShareFsOptions::new(&share, false, ShareCache::Auto);
+    o.max_inodes = 8;
+    o.max_handles = 2;
+    let fs = ShareFs::new(o).unwrap();
+    let ctx = Context::new();
+    let mut got = Vec::new();
+    let mut refused = 0;
+    for i in 0..20 {
+        match fs.lookup(&ctx, ROOT_INODE, &c(&format!("n{i}"))) {
+            Ok(e) => got.push(e.inode),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENFILE));
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(got.len(), 7, "root + 7");
+    assert_eq!(refused, 13);
+    assert_eq!(fs.inode_count(), 8);
+    // Forgetting frees room.
+    fs.forget(&ctx, got[0], 1);
+    assert_eq!(fs.inode_count(), 7);
+    assert!(fs.lookup(&ctx, ROOT_INODE, &c("n19")).is_ok());
+    // Handles.
+    let h1 = fs
+        .open(&ctx, got[1], libc::O_RDONLY as u32, 0)
+        .unwrap()
+        .0
+        .unwrap();
+    let _h2 = fs
+        .open(&ctx, got[2], libc::O_RDONLY as u32, 0)
+        .unwrap()
+        .0
+        .unwrap();
+    assert_eq!(
+        errno(fs.open(&ctx, got[3], libc::O_RDONLY as u32, 0)),
+        libc::ENFILE
+    );
+    fs.release(&ctx, got[1], 0, h1, false, false, None).unwrap();
+    assert!(fs.open(&ctx, got[3], libc::O_RDONLY as u32, 0).is_ok());
+}
+
+#[test]
+fn mount_points_under_the_share_are_not_crossed() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP mount_points_under_the_share_are_not_crossed: needs root to bind-mount");
+        return;
+    }
+    let (_t, share) = setup("mnt");
+    let target = share.join("bind");
+    std::fs::create_dir(&target).unwrap();
+    let src = share.parent().unwrap().join("elsewhere");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("x"), b"x").unwrap();
+    let s = c(src.to_str().unwrap());
+    let t = c(target.to_str().unwrap());
+    // SAFETY: valid NUL-terminated paths; a bind mount of our own temp dir.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        eprintln!(
+            "SKIP mount_points_under_the_share_are_not_crossed: bind mount failed: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let fs = fs(&share, false);
+    let ctx = Context::new();
+    let r = fs.lookup(&ctx, ROOT_INODE, &c("bind"));
+    // SAFETY: unmounting the bind mount made above.
+    unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    assert_eq!(errno(r), libc::EXDEV);
+    assert_eq!(fs.inode_count(), 1);
+}
+
+#[test]
+fn config_space_has_tag_and_queue_count() {
+    let (_t, share) = setup("cfg");
+    let dev = Fs::new("locald-share0", fs(&share, false));
+    let mut b = [0u8; 40];
+    dev.read_config(0, &mut b);
+    assert_eq!(&b[..13], b"locald-share0");
+    assert!(b[13..36].iter().all(|&x| x == 0));
+    assert_eq!(u32::from_le_bytes(b[36..40].try_into().unwrap()), 1);
+    assert_eq!(dev.device_type(), 26);
+    assert_eq!(dev.queue_max_sizes().len(), 2);
+    let _ = read_all;
+}
+
+#[test]
+fn queue_serves_init_and_lookup() {
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+    let (_t, share) = setup("queue");
+    let dev = Fs::new("t", fs(&share, false));
+    let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+    let vq = MockSplitQueue::new(&m, 16);
+    let mut q: Queue = vq.create_queue().unwrap();
+    let hdr = |len: u32, op: u32, unique: u64, node: u64| {
+        let mut v = Vec::new();
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(&op.to_le_bytes());
+        v.extend_from_slice(&unique.to_le_bytes());
+        v.extend_from_slice(&node.to_le_bytes());
+        v.extend_from_slice(&[0u8; 16]);
+        v
+    };
+    let mut init = hdr(56, 26, 1, 0);
+    for x in [7u32, 31, 0x2_0000, 0] {
+        init.extend_from_slice(&x.to_le_bytes());
+    }
+    let mut lookup = hdr(40 + 5, 1, 2, 1);
+    lookup.extend_from_slice(b"file\0");
+    let mut bad = hdr(40, 9999, 3, 1);
+    bad.truncate(20); // shorter than a header
+    let mut addr = 0x10_0000u64;
+    let mut d = Vec::new();
+    for msg in [&init, &lookup, &bad] {
+        m.write_slice(msg, GuestAddress(addr)).unwrap();
+        let next = d.len() as u16 + 1;
+        d.push(RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            msg.len() as u32,
+            VRING_DESC_F_NEXT as u16,
+            next,
+        )));
+        d.push(RawDescriptor::from(SplitDescriptor::new(
+            addr + 0x1000,
+            0x1000,
+            VRING_DESC_F_WRITE as u16,
+            0,
+        )));
+        addr += 0x2000;
+    }
+    vq.build_multiple_desc_chains(&d).unwrap();
+    let mut w = Warned::default();
+    let pass = process_queue(&mut q, &m, &dev.server, &mut w);
+    eprintln!("{w:?}");
+    assert_eq!(pass.completed, 3);
+    assert!(!pass.broken);
+    let used = |i: usize| vq.used().ring().ref_at(i).unwrap().load().len();
+    assert!(used(0) >= 16, "init reply");
+    assert!(used(1) >= 16, "lookup reply");
+    assert_eq!(used(2), 0, "undecodable request gets no reply");
+    // The lookup reply: out header error 0, then an entry with the file's ino.
+    let err: i32 = m.read_obj(GuestAddress(0x10_2000 + 0x1000 + 4)).unwrap();
+    assert_eq!(err, 0);
+    let ino: u64 = m
+        .read_obj(GuestAddress(0x10_2000 + 0x1000 + 16 + 40))
+        .unwrap();
+    assert_eq!(ino, std::fs::metadata(share.join("file")).unwrap().ino());
+}
