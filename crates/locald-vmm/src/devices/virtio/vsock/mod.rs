@@ -37,9 +37,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::worker::{QueueHandler, Worker, HANDLER_TOKENS};
+pub use super::Pass;
 use super::{
-    device_type, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, Warned,
-    COMMON_FEATURES,
+    device_type, drain_queue, read_config_bytes, ActivateError, Activation, Interrupt,
+    VirtioDevice, Warned, COMMON_FEATURES,
 };
 pub use muxer::{Muxer, MuxerConfig};
 use packet::{Desc, MAX_PKT_PAYLOAD};
@@ -76,17 +77,6 @@ pub enum VsockError {
     Setup(std::io::Error),
 }
 
-/// Outcome of one pass over a queue.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Pass {
-    /// Chains completed.
-    pub completed: usize,
-    /// The guest should be interrupted.
-    pub notify: bool,
-    /// The queue is broken; the device needs a reset.
-    pub broken: bool,
-}
-
 fn descs(
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
 ) -> impl Iterator<Item = Desc> + '_ {
@@ -106,53 +96,18 @@ pub fn process_tx(
     warned: &mut Warned,
     payload: &mut Vec<u8>,
 ) -> Pass {
-    let mut pass = Pass::default();
-    loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            warned.warn(DEV, "TX queue unusable", e);
-            pass.broken = true;
-            return pass;
-        }
-        let chains = match queue.iter(mem) {
-            Ok(it) => it.collect::<Vec<_>>(),
+    drain_queue(DEV, queue, mem, warned, |chain, warned| {
+        match packet::read_tx_packet(mem, descs(chain), payload) {
+            Ok(hdr) => muxer.send_pkt(&hdr, payload),
             Err(e) => {
-                warned.warn(DEV, "TX queue unusable", e);
-                pass.broken = true;
-                return pass;
-            }
-        };
-        for chain in chains {
-            let head = chain.head_index();
-            match packet::read_tx_packet(mem, descs(chain), payload) {
-                Ok(hdr) => muxer.send_pkt(&hdr, payload),
-                Err(e) => {
-                    warned.warn(DEV, e.cause(), &e);
-                    if let Some(h) = e.header() {
-                        muxer.reject_pkt(h);
-                    }
+                warned.warn(DEV, e.cause(), &e);
+                if let Some(h) = e.header() {
+                    muxer.reject_pkt(h);
                 }
             }
-            if let Err(e) = queue.add_used(mem, head, 0) {
-                warned.warn(DEV, "used ring write failed", e);
-                pass.broken = true;
-                return pass;
-            }
-            pass.completed += 1;
         }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                warned.warn(DEV, "TX queue unusable", e);
-                pass.broken = true;
-                return pass;
-            }
-        }
-    }
-    if pass.completed > 0 {
-        pass.notify = queue.needs_notification(mem).unwrap_or(true);
-    }
-    pass
+        0
+    })
 }
 
 /// Fills guest RX buffers with whatever the muxer has for the guest, while
