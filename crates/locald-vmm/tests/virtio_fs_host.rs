@@ -165,6 +165,56 @@ fn large_directory_and_fd_bound() {
     eprintln!("stat of 5000 files with a 1000-inode bound: {enfile} ENFILE");
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
     drop(m);
+
+    // Default options: `ls -l` of all 100 000 entries. Inodes are fds when
+    // the fd limit allows enough of them, file handles (no fd each) when it
+    // does not and the VMM holds CAP_DAC_READ_SEARCH.
+    let o = ShareFsOptions::new(&d.share, false, ShareCache::Auto);
+    if o.max_inodes < 110_000 {
+        eprintln!(
+            "NOTE large_directory_and_fd_bound: fd limit too small and no \
+             CAP_DAC_READ_SEARCH (inode bound {}): skipping the 100 000-entry ls -l",
+            o.max_inodes
+        );
+        return;
+    }
+    let handles = o.inode_handles;
+    let fds_before = open_fds();
+    let m = HostMount::mount(o, &d.mnt, 2).unwrap();
+    let out = std::process::Command::new("ls")
+        .args(["-l", "--time-style=+%s"])
+        .arg(d.mnt.join("big"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ls -l failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = String::from_utf8_lossy(&out.stdout);
+    let files = lines.lines().filter(|l| l.starts_with('-')).count();
+    assert_eq!(files, 100_000, "ls -l lists every file with its attributes");
+    assert!(
+        m.fs().inode_count() > 100_000 / 2,
+        "the kernel kept the inodes"
+    );
+    let grown = open_fds().saturating_sub(fds_before);
+    if handles {
+        assert!(
+            grown < 1000,
+            "server fds grew by {grown} for 100 000 inodes"
+        );
+    }
+    eprintln!(
+        "ls -l of 100 000 entries: {} inodes held, fds +{grown} (file handles: {handles})",
+        m.fs().inode_count()
+    );
+    drop(m);
+}
+
+/// Open fds of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 #[test]

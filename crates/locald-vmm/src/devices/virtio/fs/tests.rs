@@ -34,8 +34,28 @@ fn setup(name: &str) -> (Tmp, PathBuf) {
     (Tmp(base), share)
 }
 
+thread_local! {
+    /// Inode mode for [`fs`]: file handles (true) or one `O_PATH` fd each.
+    static HANDLES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a confinement test with inodes as fds, then as file handles (when
+/// this process may use them).
+fn in_both_inode_modes(body: fn()) {
+    for handles in [false, true] {
+        if handles && !share::can_open_by_handle() {
+            eprintln!("NOTE: no CAP_DAC_READ_SEARCH: file-handle inode mode not tested");
+            continue;
+        }
+        HANDLES.with(|h| h.set(handles));
+        body();
+    }
+}
+
 fn fs(share: &std::path::Path, ro: bool) -> ShareFs {
-    let fs = ShareFs::new(ShareFsOptions::new(share, ro, ShareCache::Auto)).unwrap();
+    let mut o = ShareFsOptions::new(share, ro, ShareCache::Auto);
+    o.inode_handles = HANDLES.with(|h| h.get());
+    let fs = ShareFs::new(o).unwrap();
     fs.init(fuse_backend_rs::abi::fuse_abi::FsOptions::empty())
         .unwrap();
     fs
@@ -67,6 +87,10 @@ fn find_fd_for(_fs: &ShareFs, _inode: u64) -> std::io::Result<i32> {
 
 #[test]
 fn dotdot_at_root_is_the_root() {
+    in_both_inode_modes(dotdot_at_root_is_the_root_body);
+}
+
+fn dotdot_at_root_is_the_root_body() {
     let (_t, share) = setup("dotdot");
     let fs = fs(&share, false);
     let ctx = Context::new();
@@ -88,6 +112,10 @@ fn dotdot_at_root_is_the_root() {
 
 #[test]
 fn symlinks_are_never_followed_on_the_host() {
+    in_both_inode_modes(symlinks_are_never_followed_on_the_host_body);
+}
+
+fn symlinks_are_never_followed_on_the_host_body() {
     let (_t, share) = setup("symlink");
     let fs = fs(&share, false);
     let ctx = Context::new();
@@ -126,6 +154,10 @@ fn symlinks_are_never_followed_on_the_host() {
 
 #[test]
 fn lookup_then_swap_races_stay_inside() {
+    in_both_inode_modes(lookup_then_swap_races_stay_inside_body);
+}
+
+fn lookup_then_swap_races_stay_inside_body() {
     let (_t, share) = setup("race");
     let fs = fs(&share, false);
     let ctx = Context::new();
@@ -160,6 +192,10 @@ fn lookup_then_swap_races_stay_inside() {
 
 #[test]
 fn no_devices_no_setid() {
+    in_both_inode_modes(no_devices_no_setid_body);
+}
+
+fn no_devices_no_setid_body() {
     let (_t, share) = setup("mknod");
     let fs = fs(&share, false);
     let ctx = Context::new();
@@ -211,6 +247,10 @@ fn no_devices_no_setid() {
 
 #[test]
 fn read_only_share_rejects_every_write() {
+    in_both_inode_modes(read_only_share_rejects_every_write_body);
+}
+
+fn read_only_share_rejects_every_write_body() {
     let (_t, share) = setup("ro");
     let fs = fs(&share, true);
     let ctx = Context::new();
@@ -317,6 +357,10 @@ fn inode_and_handle_limits() {
 
 #[test]
 fn mount_points_under_the_share_are_not_crossed() {
+    in_both_inode_modes(mount_points_under_the_share_are_not_crossed_body);
+}
+
+fn mount_points_under_the_share_are_not_crossed_body() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIP mount_points_under_the_share_are_not_crossed: needs root to bind-mount");
@@ -350,10 +394,45 @@ fn mount_points_under_the_share_are_not_crossed() {
     let fs = fs(&share, false);
     let ctx = Context::new();
     let r = fs.lookup(&ctx, ROOT_INODE, &c("bind"));
+    // Refused lookups hold no fd afterwards (fuse-backend-rs patch 0001:
+    // in file-handle mode each one used to leak the mount point's fd).
+    let before = open_fds();
+    for _ in 0..300 {
+        assert_eq!(errno(fs.lookup(&ctx, ROOT_INODE, &c("bind"))), libc::EXDEV);
+    }
+    let grown = open_fds().saturating_sub(before);
     // SAFETY: unmounting the bind mount made above.
     unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
     assert_eq!(errno(r), libc::EXDEV);
     assert_eq!(fs.inode_count(), 1);
+    assert!(grown < 100, "300 refused lookups: fds +{grown}");
+}
+
+/// Open fds of this process (other tests run alongside: compare with slack).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn session_restarts_leak_no_fd() {
+    in_both_inode_modes(session_restarts_leak_no_fd_body);
+}
+
+/// What a guest resetting the device in a loop does: destroy + INIT.
+fn session_restarts_leak_no_fd_body() {
+    let (_t, share) = setup("restart");
+    let fs = fs(&share, false);
+    let ctx = Context::new();
+    let before = open_fds();
+    for _ in 0..300 {
+        fs.lookup(&ctx, ROOT_INODE, &c("file")).unwrap();
+        fs.destroy();
+        fs.init(fuse_backend_rs::abi::fuse_abi::FsOptions::empty())
+            .unwrap();
+    }
+    let grown = open_fds().saturating_sub(before);
+    assert!(grown < 100, "300 session restarts: fds +{grown}");
+    assert_eq!(std::fs::read(share.join("file")).unwrap(), b"inside");
 }
 
 #[test]
