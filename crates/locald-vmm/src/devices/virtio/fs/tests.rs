@@ -470,7 +470,8 @@ fn queue_serves_init_and_lookup() {
         v
     };
     let mut init = hdr(56, 26, 1, 0);
-    for x in [7u32, 31, 0x2_0000, 0] {
+    // Flags: BIG_WRITES (1 << 5) | MAX_PAGES (1 << 22), as Linux offers.
+    for x in [7u32, 31, 0x2_0000, (1 << 5) | (1 << 22)] {
         init.extend_from_slice(&x.to_le_bytes());
     }
     let mut lookup = hdr(40 + 5, 1, 2, 1);
@@ -506,6 +507,10 @@ fn queue_serves_init_and_lookup() {
     assert!(used(0) >= 16, "init reply");
     assert!(used(1) >= 16, "lookup reply");
     assert_eq!(used(2), 0, "undecodable request gets no reply");
+    // The INIT reply allows 1 MiB requests: max_write and max_pages.
+    let max_write: u32 = m.read_obj(GuestAddress(0x10_1000 + 16 + 20)).unwrap();
+    let max_pages: u16 = m.read_obj(GuestAddress(0x10_1000 + 16 + 28)).unwrap();
+    assert_eq!((max_write, max_pages), (1 << 20, 256));
     // The lookup reply: out header error 0, then an entry with the file's ino.
     let err: i32 = m.read_obj(GuestAddress(0x10_2000 + 0x1000 + 4)).unwrap();
     assert_eq!(err, 0);
@@ -513,4 +518,38 @@ fn queue_serves_init_and_lookup() {
         .read_obj(GuestAddress(0x10_2000 + 0x1000 + 16 + 40))
         .unwrap();
     assert_eq!(ino, std::fs::metadata(share.join("file")).unwrap().ino());
+}
+
+#[test]
+fn readdir_reports_host_inode_numbers_without_lookups() {
+    let (_t, share) = setup("readdir");
+    for i in 0..50 {
+        std::fs::write(share.join(format!("e{i}")), b"x").unwrap();
+    }
+    let fs = fs(&share, false);
+    let ctx = Context::new();
+    let (h, _) = fs.opendir(&ctx, ROOT_INODE, 0).unwrap();
+    let h = h.unwrap();
+    let mut seen = Vec::new();
+    fs.readdir(&ctx, ROOT_INODE, h, 64 * 1024, 0, &mut |d| {
+        seen.push((String::from_utf8_lossy(d.name).into_owned(), d.ino));
+        Ok(1)
+    })
+    .unwrap();
+    fs.releasedir(&ctx, ROOT_INODE, 0, h).unwrap();
+    // Every name, with the inode number the guest's stat will show.
+    let mut names: Vec<_> = std::fs::read_dir(&share)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut got: Vec<_> = seen.iter().map(|(n, _)| n.clone()).collect();
+    got.sort();
+    assert_eq!(got, names);
+    for (name, ino) in &seen {
+        let host = std::fs::symlink_metadata(share.join(name)).unwrap().ino();
+        assert_eq!(*ino, host, "{name}");
+    }
+    // A plain listing takes no inode references.
+    assert_eq!(fs.inode_count(), 1);
 }
