@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 mod named;
+mod signals;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -143,6 +144,10 @@ pub(crate) struct RunArgs {
     /// Verbose: VMM log, guest kernel log and boot timings on stderr.
     #[arg(short, long)]
     verbose: bool,
+    /// Run without seccomp filters (a debugging aid: with them, a system
+    /// call outside a thread's allow-list ends the VMM; see docs/seccomp.md).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Command and arguments to run in the guest (after `--`).
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
@@ -253,6 +258,7 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
             Some(n) => Some(locald_vmm::config::NetConfig::parse(n)?),
             None => None,
         },
+        seccomp: !args.no_seccomp,
         shares: {
             let cache =
                 locald_vmm::config::ShareCache::parse(&args.share_cache).ok_or_else(|| {
@@ -286,9 +292,18 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     }
     let start = Instant::now();
     let config = config_from(&args)?;
+    let seccomp = config.seccomp;
     let mut vm = VirtualMachine::new(config)?;
     tracing::info!("VM set up in {:.3} s", start.elapsed().as_secs_f64());
+    signals::set_target(vm.stopper());
+    if seccomp {
+        install_main_filter()?;
+    }
     let status = vm.run()?;
+    if let Some(sig) = signals::received() {
+        tracing::info!("guest ended after a signal: {status:?}");
+        return Ok(signals::exit_code(sig));
+    }
     let mut emulated: Vec<_> = vm.emulated_instructions().into_iter().collect();
     emulated.sort();
     if !emulated.is_empty() {
@@ -316,6 +331,14 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         _ => {}
     }
     Ok(status.code().clamp(0, 255) as u8)
+}
+
+/// Puts the main thread under the `main` seccomp filter; called once the
+/// VM is built (and, in agent mode, its thread started), before anything
+/// guest-controlled is read here.
+pub(crate) fn install_main_filter() -> anyhow::Result<()> {
+    locald_vmm::seccomp::install(locald_vmm::seccomp::ThreadKind::Main, "main")?;
+    Ok(())
 }
 
 /// Ends the process with `r`'s code, or prints its error (one line) and
@@ -375,7 +398,12 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Run(args) => *args,
         Command::Start(a) => return exit(named::start(*a)),
-        Command::Serve(a) => return exit(named::serve(*a)),
+        Command::Serve(a) => {
+            if let Err(e) = signals::setup(!a.run.no_seccomp) {
+                return exit(Err(e.into()));
+            }
+            return exit(named::serve(*a));
+        }
         Command::Exec(a) => return exit(named::exec(a)),
         Command::Stop(a) => return exit(named::stop(a).map(|()| 0)),
         Command::Ps => return exit(named::ps().map(|()| 0)),
@@ -399,6 +427,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(args.verbose);
+    if let Err(e) = signals::setup(!args.no_seccomp) {
+        return exit(Err(e.into()));
+    }
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -13,7 +13,7 @@ use locald_vmm::instance::{self, ControlTarget, Info};
 use locald_vmm::publish::{self, PortMap, Publisher};
 use locald_vmm::{config, ConsoleConfig, RunningVm, VirtualMachine};
 
-use crate::{config_from, init_logging, RunArgs};
+use crate::{config_from, init_logging, install_main_filter, signals, RunArgs};
 
 /// Grace period for a clean guest poweroff before the VM is stopped.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -24,7 +24,7 @@ pub(crate) struct StartArgs {
     #[arg(long)]
     name: String,
     #[command(flatten)]
-    run: RunArgs,
+    pub(crate) run: RunArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -146,21 +146,33 @@ pub(crate) fn run_with_agent(args: RunArgs) -> anyhow::Result<u8> {
     } else {
         ConsoleConfig::Null
     };
+    let seccomp = cfg.seccomp;
     let mut vm = VirtualMachine::new(cfg)?.spawn()?;
-    vm.wait_ready()?;
-    let uds = vm
-        .vsock_path()
-        .context("agent VM without vsock")?
-        .to_path_buf();
-    let _pubs = maps
-        .into_iter()
-        .map(|m| publish::publish(uds.clone(), m))
-        .collect::<Result<Vec<_>, _>>()?;
-    let req = request(&argv, env, workdir.as_deref(), args.tty);
-    let code = exec_with_stdio(|io| vm.exec(req, io, |_| {}), args.tty)?;
+    signals::set_target(vm.stopper());
+    if seccomp {
+        install_main_filter()?;
+    }
+    let ready = vm.wait_ready();
+    let code = ready.map_err(anyhow::Error::from).and_then(|()| {
+        let uds = vm
+            .vsock_path()
+            .context("agent VM without vsock")?
+            .to_path_buf();
+        let _pubs = maps
+            .into_iter()
+            .map(|m| publish::publish(uds.clone(), m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let req = request(&argv, env, workdir.as_deref(), args.tty);
+        exec_with_stdio(|io| vm.exec(req, io, |_| {}), args.tty)
+    });
+    // After a signal the guest is already powering off (or stopped):
+    // whatever the command's relay saw, the answer is the signal.
     let status = vm.stop(STOP_GRACE)?;
     tracing::info!("guest ended: {status:?}");
-    Ok(code)
+    if let Some(sig) = signals::received() {
+        return Ok(signals::exit_code(sig));
+    }
+    code
 }
 
 /// `start`: spawns `serve` in its own session and waits for its verdict
@@ -256,6 +268,8 @@ impl ControlTarget for Served {
         }
     }
     fn running(&self) -> bool {
+        // After SIGINT/SIGTERM the server still answers until the guest
+        // has powered off (the signal thread asked it to).
         self.vm.as_ref().is_some_and(RunningVm::is_running)
     }
 }
@@ -282,8 +296,12 @@ fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
         guest_cid: 3,
         uds_path: uds.clone(),
     });
-    let (cpus, memory_mib) = (cfg.vcpus, cfg.memory_mib);
+    let (cpus, memory_mib, seccomp) = (cfg.vcpus, cfg.memory_mib, cfg.seccomp);
     let mut vm = VirtualMachine::new(cfg)?.spawn()?;
+    signals::set_target(vm.stopper());
+    if seccomp {
+        install_main_filter()?;
+    }
     vm.wait_ready()?;
     let pubs = publishers(&uds, &args.run.publish)?;
     let listener = std::os::unix::net::UnixListener::bind(instance::control_path(&args.name))
@@ -313,7 +331,7 @@ fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
         let _ = vm.stop(STOP_GRACE);
     }
     drop(cleanup);
-    Ok(0)
+    Ok(signals::received().map_or(0, signals::exit_code))
 }
 
 /// Removes a named VM's state directory when its VMM ends.

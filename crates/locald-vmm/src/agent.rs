@@ -5,7 +5,8 @@
 //! `locald-agent-proto` crate).
 //!
 //! Runs on the caller's thread, plus one stdin-forwarding thread per
-//! command that has stdin.
+//! command that has stdin (under the `control` seccomp filter when the
+//! caller is filtered, see [`crate::seccomp::spawn_inherit`]).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -233,9 +234,10 @@ pub fn exec(
 /// Forwards `input` as Stdin frames, then an empty frame for EOF. The
 /// thread ends at EOF or when the connection goes away.
 fn spawn_stdin_pump(mut input: Box<dyn Read + Send>, handle: ExecHandle) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("agent stdin".into())
-        .spawn(move || {
+    crate::seccomp::spawn_inherit(
+        "agent stdin".into(),
+        crate::seccomp::ThreadKind::Control,
+        move || {
             let mut buf = vec![0u8; locald_agent_proto::MAX_DATA];
             loop {
                 match input.read(&mut buf) {
@@ -255,7 +257,8 @@ fn spawn_stdin_pump(mut input: Box<dyn Read + Send>, handle: ExecHandle) -> io::
                     }
                 }
             }
-        })?;
+        },
+    )?;
     Ok(())
 }
 

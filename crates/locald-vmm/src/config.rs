@@ -18,6 +18,9 @@ pub const MIN_MEMORY_MIB: u64 = 8;
 pub const MAX_MEMORY_MIB: u64 = 1 << 20; // 1 TiB
 /// Upper bound on vCPUs: APIC ids in the MP table are 8-bit and 0xff is broadcast.
 pub const MAX_VCPUS: u8 = 254;
+/// Longest `timeout` or `agent_timeout` accepted (100 years): the VM
+/// turns them into `Instant` deadlines, which must not overflow.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Whether to apply the software-KVM compatibility path (CPUID masking,
 /// instruction emulation in the VMM, guest command-line switches).
@@ -234,6 +237,12 @@ pub struct VmConfig {
     /// Attach a virtio network card (TAP or passt backend); the default
     /// guest init configures its `eth0`.
     pub net: Option<NetConfig>,
+    /// Seccomp filters on the threads the VM creates (vCPUs, device
+    /// workers, console input, the `spawn` thread), one allow-list per
+    /// kind of thread; a forbidden call ends the process with a one-line
+    /// message (see docs/seccomp.md). The caller's own thread is never
+    /// filtered by the library. On by default.
+    pub seccomp: bool,
 }
 
 impl Default for VmConfig {
@@ -260,6 +269,7 @@ impl Default for VmConfig {
             agent_timeout: Duration::from_secs(120),
             shares: Vec::new(),
             net: None,
+            seccomp: true,
         }
     }
 }
@@ -292,6 +302,14 @@ impl VmConfig {
         let disks: Vec<&DiskConfig> = self.all_disks().collect();
         for d in &disks {
             check_disk(d)?;
+        }
+        for (what, t) in [
+            ("--timeout", self.timeout),
+            ("--agent-timeout", Some(self.agent_timeout)),
+        ] {
+            if let Some(t) = t.filter(|t| *t > MAX_TIMEOUT) {
+                return Err(ConfigError::Timeout(what, t));
+            }
         }
         if let Some(v) = &self.vsock {
             if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX - 1) {
@@ -471,6 +489,30 @@ mod tests {
         c.vcpus = 2;
         c.command = Some(vec![]);
         assert!(matches!(c.validate(), Err(ConfigError::EmptyCommand)));
+    }
+
+    /// Found by the `config_parse` fuzz target: a timeout too long to be
+    /// an `Instant` deadline passed validation, then `run()` (`timeout`)
+    /// or `wait_ready()` (`agent_timeout`) panicked computing it.
+    #[test]
+    fn validation_rejects_endless_timeouts() {
+        let mut c = VmConfig {
+            timeout: Some(MAX_TIMEOUT),
+            agent_timeout: MAX_TIMEOUT,
+            ..VmConfig::default()
+        };
+        assert!(c.validate().is_ok());
+        c.timeout = Some(Duration::from_secs(u64::MAX));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Timeout("--timeout", _))
+        ));
+        c.timeout = None;
+        c.agent_timeout = Duration::MAX;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Timeout("--agent-timeout", _))
+        ));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! to the guest's UART (bounded; waits while the guest is not reading), and
 //! a guard that puts a terminal stdin into raw mode and restores it on drop.
 //! The input thread waits on stdin and on a stop eventfd, so it ends as soon
-//! as the VM stops.
+//! as the VM stops. The input thread runs under the `control` seccomp
+//! filter when the VM has seccomp on.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -58,13 +59,14 @@ pub struct InputThread {
 }
 
 impl InputThread {
-    /// Starts forwarding stdin to `serial`.
-    pub fn spawn(serial: Arc<Mutex<SerialDevice>>) -> std::io::Result<InputThread> {
+    /// Starts forwarding stdin to `serial`, on a thread filtered with the
+    /// `control` seccomp list when `seccomp` is set.
+    pub fn spawn(serial: Arc<Mutex<SerialDevice>>, seccomp: bool) -> std::io::Result<InputThread> {
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("console input".into())
-            .spawn(move || forward(serial, flag))?;
+        let kind = seccomp.then_some(crate::seccomp::ThreadKind::Control);
+        let handle =
+            crate::seccomp::spawn("console input".into(), kind, move || forward(serial, flag))?;
         Ok(InputThread {
             stop,
             handle: Some(handle),

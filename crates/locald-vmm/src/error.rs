@@ -35,6 +35,8 @@ pub enum ConfigError {
     ShareSpec(String, String),
     #[error("too many virtio devices ({0}); at most {1} fit")]
     TooManyDevices(usize, usize),
+    #[error("{0} {1:?} is too long (at most 100 years)")]
+    Timeout(&'static str, std::time::Duration),
 }
 
 /// Problems loading the kernel, initrd and boot structures into guest memory.

@@ -3,7 +3,9 @@
 //! Public API: [`VmConfig`] → [`VirtualMachine::new`] → [`VirtualMachine::run`],
 //! which returns the guest's [`ExitStatus`]. `new` and `run` run on the
 //! caller's thread; the VM spawns one thread per vCPU plus, with a stdio
-//! console, a console input thread.
+//! console, a console input thread. With [`VmConfig::seccomp`] (the
+//! default) every thread the VM creates runs under a seccomp filter of its
+//! kind ([`seccomp`]); the caller's thread is left alone.
 //!
 //! The platform seam is this whole-VM type: on Linux it drives `/dev/kvm`
 //! through the [`kvm`] backend; a macOS backend will bring its own devices.
@@ -20,6 +22,8 @@ pub mod instance;
 pub mod kvm;
 pub mod profile;
 pub mod publish;
+#[cfg(target_os = "linux")]
+pub mod seccomp;
 #[cfg(test)]
 mod tests;
 
@@ -156,6 +160,7 @@ pub struct VirtualMachine {
     vsock_path: Option<PathBuf>,
     ready: Option<agent::ReadyListener>,
     agent_timeout: Duration,
+    seccomp: bool,
     // Dropped last: the sockets inside it go first.
     _runtime_dir: Option<RuntimeDir>,
 }
@@ -204,6 +209,9 @@ impl VirtualMachine {
     /// the VM (memory, devices, vCPUs, kernel loaded). Nothing runs yet.
     pub fn new(config: VmConfig) -> Result<Self, Error> {
         config.validate()?;
+        if config.seccomp {
+            seccomp::check().map_err(|e| Error::Device(e.to_string()))?;
+        }
         let compat_reason = match config.cpu_compat {
             CpuCompat::On => Some("forced with --cpu-compat on"),
             CpuCompat::Off => None,
@@ -353,6 +361,7 @@ impl VirtualMachine {
             vsock_path: config.vsock.as_ref().map(|v| v.uds_path.clone()),
             ready,
             agent_timeout: config.agent_timeout,
+            seccomp: config.seccomp,
             _runtime_dir: runtime_dir,
         })
     }
@@ -369,12 +378,11 @@ impl VirtualMachine {
         let vsock = self.vsock_path.clone();
         let control = self.control.clone();
         let agent_timeout = self.agent_timeout;
-        let thread = std::thread::Builder::new()
-            .name("vm".into())
-            .spawn(move || {
-                let r = self.run();
-                (r, self)
-            })?;
+        let kind = self.seccomp.then_some(seccomp::ThreadKind::Main);
+        let thread = seccomp::spawn("vm".into(), kind, move || {
+            let r = self.run();
+            (r, self)
+        })?;
         Ok(RunningVm {
             thread: Some(thread),
             control,
@@ -393,17 +401,31 @@ impl VirtualMachine {
         let (_raw, _input) = match self.console {
             ConsoleConfig::Stdio => (
                 console::RawTerminal::enable(),
-                Some(console::InputThread::spawn(self.backend.serial())?),
+                Some(console::InputThread::spawn(
+                    self.backend.serial(),
+                    self.seccomp,
+                )?),
             ),
             _ => (None, None),
         };
-        let outcome = self.backend.run(self.timeout, self.profile_hz)?;
+        let outcome = self
+            .backend
+            .run(self.timeout, self.profile_hz, self.seccomp)?;
         if self.profile_hz > 0 {
             profile::report(&self.backend.samples(), self.system_map.as_deref());
         }
         match outcome {
             Outcome::Status(s) => Ok(s),
             Outcome::Failed(msg) => Err(Error::Run(msg)),
+        }
+    }
+
+    /// A handle that stops this VM from another thread (a signal handler
+    /// thread, say), before or while it runs.
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper {
+            control: self.control.clone(),
+            vsock: self.ready.as_ref().and(self.vsock_path.clone()),
         }
     }
 
@@ -472,6 +494,14 @@ impl RunningVm {
         Ok(agent::exec(uds, req, io, on_start)?)
     }
 
+    /// A handle that stops this VM from another thread.
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper {
+            control: self.control.clone(),
+            vsock: self.vsock.clone(),
+        }
+    }
+
     /// Whether the VM is still running.
     pub fn is_running(&self) -> bool {
         self.control.status().is_none()
@@ -507,6 +537,48 @@ impl RunningVm {
             Ok((r, _vm)) => r,
             Err(_) => Err(Error::Run("the VM thread panicked".into())),
         }
+    }
+}
+
+/// Stops a VM from any thread; cheap to clone. See
+/// [`VirtualMachine::stopper`] and [`RunningVm::stopper`].
+#[derive(Clone)]
+pub struct VmStopper {
+    control: Arc<VmControl>,
+    /// The agent's socket, for a clean poweroff (agent-mode VMs only).
+    vsock: Option<PathBuf>,
+}
+
+impl VmStopper {
+    /// Whether the VM is still running.
+    pub fn is_running(&self) -> bool {
+        self.control.status().is_none()
+    }
+
+    /// Asks for a clean poweroff: the agent's Shutdown (the guest syncs
+    /// and unmounts its disks) when the VM has an agent, else — or if the
+    /// agent cannot be reached — stops the vCPUs at once. Returns whether
+    /// the clean path was taken. Either way the VM's disks are flushed on
+    /// the host when it is dropped.
+    pub fn request_shutdown(&self) -> bool {
+        if let Some(uds) = &self.vsock {
+            match agent::request_shutdown(uds) {
+                Ok(()) => return true,
+                Err(e) => tracing::warn!("clean shutdown request failed ({e}); stopping the VM"),
+            }
+        }
+        self.force_stop();
+        false
+    }
+
+    /// Stops the vCPUs now (the guest sees a power cut).
+    pub fn force_stop(&self) {
+        self.control.request_stop(ExitStatus::PowerOff);
+    }
+
+    /// Waits until the VM ended or `timeout` passed; returns whether it ended.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        self.control.wait(Some(timeout)).is_some()
     }
 }
 

@@ -4,7 +4,8 @@
 //! in both directions with half-closes passed through.
 //!
 //! Threads: one accept thread per published port, two copy threads per
-//! connection.
+//! connection; started from a seccomp-filtered thread, each installs the
+//! `control` filter first (see [`crate::seccomp::spawn_inherit`]).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -16,6 +17,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use locald_agent_proto::{Frame, AGENT_PORT};
+
+use crate::seccomp::{spawn_inherit, ThreadKind::Control};
 
 /// Bad `--publish` input or an unusable host port.
 #[derive(Debug, thiserror::Error)]
@@ -82,35 +85,32 @@ pub fn publish(uds: PathBuf, map: PortMap) -> Result<Publisher, PublishError> {
         })?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("publish {}", map.host))
-        .spawn(move || {
-            while !stop2.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((tcp, _)) => {
-                        let uds = uds.clone();
-                        let _ = std::thread::Builder::new()
-                            .name(format!("publish {} conn", map.host))
-                            .spawn(move || {
-                                if let Err(e) = forward(tcp, &uds, map.guest) {
-                                    tracing::warn!("publish {}:{}: {e}", map.host, map.guest);
-                                }
-                            });
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    Err(e) => {
-                        tracing::warn!("publish {}: accept failed: {e}", map.host);
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
+    let thread = spawn_inherit(format!("publish {}", map.host), Control, move || {
+        while !stop2.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((tcp, _)) => {
+                    let uds = uds.clone();
+                    let _ =
+                        spawn_inherit(format!("publish {} conn", map.host), Control, move || {
+                            if let Err(e) = forward(tcp, &uds, map.guest) {
+                                tracing::warn!("publish {}:{}: {e}", map.host, map.guest);
+                            }
+                        });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => {
+                    tracing::warn!("publish {}: accept failed: {e}", map.host);
+                    std::thread::sleep(Duration::from_millis(100));
                 }
             }
-        })
-        .map_err(|err| PublishError::Bind {
-            port: map.host,
-            err,
-        })?;
+        }
+    })
+    .map_err(|err| PublishError::Bind {
+        port: map.host,
+        err,
+    })?;
     Ok(Publisher {
         stop,
         thread: Some(thread),
@@ -145,9 +145,9 @@ fn forward(tcp: TcpStream, uds: &std::path::Path, port: u16) -> io::Result<()> {
         }
     };
     let (tcp2, vs2) = (tcp.try_clone()?, vs.try_clone()?);
-    let up = std::thread::spawn(move || {
+    let up = spawn_inherit(format!("publish {port} up"), Control, move || {
         pump(tcp2, vs2, |w| w.shutdown(Shutdown::Write));
-    });
+    })?;
     pump(vs, tcp, |w| w.shutdown(Shutdown::Write));
     let _ = up.join();
     Ok(())

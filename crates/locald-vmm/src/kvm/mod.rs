@@ -245,8 +245,16 @@ impl KvmVm {
     }
 
     /// Runs the vCPUs until the guest ends, `timeout` passes, or a vCPU
-    /// fails. With `profile_hz > 0`, samples guest RIPs at that rate.
-    pub fn run(&mut self, timeout: Option<Duration>, profile_hz: u32) -> Result<Outcome, Error> {
+    /// fails. With `profile_hz > 0`, samples guest RIPs at that rate. With
+    /// `seccomp`, each vCPU thread installs the vCPU filter before its
+    /// first `KVM_RUN` (and the device workers they start inherit the
+    /// policy, see [`crate::seccomp`]).
+    pub fn run(
+        &mut self,
+        timeout: Option<Duration>,
+        profile_hz: u32,
+        seccomp: bool,
+    ) -> Result<Outcome, Error> {
         let control = self.shared.control.clone();
         let mut threads = Vec::new();
         let mut flags = Vec::new();
@@ -254,9 +262,10 @@ impl KvmVm {
             let shared = self.shared.clone();
             let flag = Arc::new(SampleFlag::default());
             flags.push(flag.clone());
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu {id}"))
-                .spawn(move || vcpu::run_loop(vcpu, id as u8, shared, flag))?;
+            let kind = seccomp.then_some(crate::seccomp::ThreadKind::Vcpu);
+            let t = crate::seccomp::spawn(format!("vcpu {id}"), kind, move || {
+                vcpu::run_loop(vcpu, id as u8, shared, flag)
+            })?;
             threads.push(t);
         }
         let outcome = if profile_hz > 0 {

@@ -16,6 +16,12 @@
 //! registers them from [`QueueHandler::init`] with data tokens in
 //! [`HANDLER_TOKENS`]; their events reach [`QueueHandler::process_event`].
 //! Both methods have no-op defaults, so queue-only devices ignore them.
+//!
+//! Seccomp: a worker started from a filtered thread (a vCPU of a VM with
+//! seccomp on) installs its device's filter (chosen by the worker's name,
+//! see [`crate::seccomp::Device::from_worker_name`]) before its loop
+//! starts, so before it reads any queue; it is started through the
+//! seccomp spawner and does not inherit the vCPU's filter.
 
 use std::os::fd::AsRawFd;
 use std::thread::JoinHandle;
@@ -109,23 +115,23 @@ impl<H: QueueHandler> Worker<H> {
         };
         let mut mgr: EventManager<Box<Subscriber<H>>> =
             EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let id = mgr.add_subscriber(Box::new(sub));
-                loop {
-                    match mgr.subscriber_mut(id) {
-                        Ok(s) if s.stopped => break,
-                        Ok(_) => {}
-                        Err(_) => return None,
-                    }
-                    if let Err(e) = mgr.run() {
-                        tracing::error!("device worker event loop failed: {e:?}");
-                        break;
-                    }
+        let kind =
+            crate::seccomp::ThreadKind::Worker(crate::seccomp::Device::from_worker_name(name));
+        let thread = crate::seccomp::spawn_inherit(name.to_string(), kind, move || {
+            let id = mgr.add_subscriber(Box::new(sub));
+            loop {
+                match mgr.subscriber_mut(id) {
+                    Ok(s) if s.stopped => break,
+                    Ok(_) => {}
+                    Err(_) => return None,
                 }
-                mgr.remove_subscriber(id).ok().map(|s| s.handler)
-            })?;
+                if let Err(e) = mgr.run() {
+                    tracing::error!("device worker event loop failed: {e:?}");
+                    break;
+                }
+            }
+            mgr.remove_subscriber(id).ok().map(|s| s.handler)
+        })?;
         Ok(Worker {
             stop,
             thread: Some(thread),

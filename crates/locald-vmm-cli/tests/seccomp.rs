@@ -1,0 +1,253 @@
+//! Seccomp and signals through the CLI, on the tiny guests (fast KVM tier).
+//!
+//! - A forbidden call from each kind of thread (main, vCPU, a device
+//!   worker, console input, the signal thread) ends the process with exit
+//!   status 159 and one line naming the thread and the call. The call is
+//!   made by the `LOCALD_VMM_SECCOMP_SELFTEST` hook right after the thread
+//!   installs its filter; with `--no-seccomp` the same run succeeds.
+//! - The `virtio` guest (block, entropy) passes under the filters.
+//! - SIGTERM / SIGINT stop a running VM within the grace period with exit
+//!   status 143 / 130, releasing its disk (a second VM can open it).
+//!
+//! Needs `/dev/kvm`; skips (loudly) only without it.
+
+#[allow(dead_code)] // only build_all/spec are used
+#[path = "../../test-guests/src/builder.rs"]
+mod builder;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Exit status after a seccomp violation (128 + SIGSYS).
+const SECCOMP_EXIT: i32 = 159;
+
+fn guest(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-guests");
+        builder::build_all(&guests, &out).unwrap_or_else(|e| panic!("building test guests: {e}"));
+        out
+    });
+    assert!(builder::spec(name).is_some(), "unknown guest {name}");
+    dir.join(name)
+}
+
+fn kvm_present() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        eprintln!("SKIPPED: /dev/kvm not present");
+        false
+    }
+}
+
+/// A fresh 1 MiB disk image for test `tag`.
+fn disk(tag: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("seccomp-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("{tag}.img"));
+    std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+    p
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_locald-vmm"));
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("LOCALD_VMM_SECCOMP_SELFTEST");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().expect("spawning locald-vmm")
+}
+
+struct Done {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+/// Waits for `child` (killing it after `limit`) and collects its output.
+fn finish(mut child: Child, limit: Duration) -> Done {
+    let start = Instant::now();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let e = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Done {
+        code: status.code(),
+        stdout: o.join().unwrap(),
+        stderr: e.join().unwrap(),
+        took: start.elapsed(),
+    }
+}
+
+/// Runs the virtio guest with a disk and the entropy device.
+fn virtio_run(tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Done {
+    let img = disk(tag);
+    let g = guest("virtio");
+    let mut args = vec![
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--disk",
+        img.to_str().unwrap(),
+        "--timeout",
+        "60",
+    ];
+    args.extend_from_slice(extra);
+    finish(spawn(&args, env), Duration::from_secs(90))
+}
+
+fn assert_violation(selftest: &str, thread: &str) {
+    let d = virtio_run(
+        &format!("violation-{}", selftest.replace(' ', "-")),
+        &[],
+        &[("LOCALD_VMM_SECCOMP_SELFTEST", selftest)],
+    );
+    let want = format!("seccomp: thread '{thread}' made forbidden syscall 101 (ptrace)");
+    assert_eq!(
+        d.code,
+        Some(SECCOMP_EXIT),
+        "selftest {selftest}: stderr {}",
+        d.stderr
+    );
+    let lines: Vec<&str> = d.stderr.lines().filter(|l| l.contains("seccomp")).collect();
+    assert_eq!(lines.len(), 1, "one seccomp line: {}", d.stderr);
+    assert!(lines[0].starts_with(&want), "{want:?} in {:?}", d.stderr);
+    assert!(!d.stderr.contains("panicked"), "{}", d.stderr);
+}
+
+#[test]
+fn forbidden_call_on_the_main_thread_ends_the_vmm() {
+    if kvm_present() {
+        assert_violation("main", "main");
+    }
+}
+
+#[test]
+fn forbidden_call_on_a_vcpu_thread_ends_the_vmm() {
+    if kvm_present() {
+        assert_violation("vcpu", "vcpu 0");
+    }
+}
+
+#[test]
+fn forbidden_call_on_a_worker_thread_ends_the_vmm() {
+    if kvm_present() {
+        assert_violation("virtio-blk vda", "virtio-blk vda");
+        assert_violation("virtio-rng", "virtio-rng");
+    }
+}
+
+#[test]
+fn forbidden_call_on_a_control_thread_ends_the_vmm() {
+    if kvm_present() {
+        assert_violation("console input", "console input");
+        assert_violation("signals", "signals");
+    }
+}
+
+#[test]
+fn virtio_guest_passes_under_the_filters_and_without_them() {
+    if !kvm_present() {
+        return;
+    }
+    let d = virtio_run("filtered", &[], &[]);
+    assert_eq!(d.code, Some(0), "{}\n{}", d.stdout, d.stderr);
+    assert!(d.stdout.contains("virtio: all ok"), "{}", d.stdout);
+    // --no-seccomp: no filter, so the self-test's call is harmless.
+    let d = virtio_run(
+        "unfiltered",
+        &["--no-seccomp"],
+        &[("LOCALD_VMM_SECCOMP_SELFTEST", "vcpu")],
+    );
+    assert_eq!(d.code, Some(0), "{}\n{}", d.stdout, d.stderr);
+    assert!(d.stdout.contains("virtio: all ok"), "{}", d.stdout);
+}
+
+/// Boots `spin` with a writable disk, sends `sig` once it runs, and
+/// checks the exit status, the time it took and that the disk is free.
+fn signal_stops_vm(sig: i32, want: i32) {
+    let img = disk(&format!("signal-{sig}"));
+    let g = guest("spin");
+    let args = [
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--disk",
+        img.to_str().unwrap(),
+        "--timeout",
+        "120",
+    ];
+    let child = spawn(&args, &[]);
+    let pid = child.id() as libc::pid_t;
+    // Let it boot (the guest prints "spinning" and loops), then signal.
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: signalling our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    let sent = Instant::now();
+    let d = finish(child, Duration::from_secs(60));
+    let took = sent.elapsed();
+    assert_eq!(d.code, Some(want), "{}", d.stderr);
+    assert!(took < Duration::from_secs(12), "took {took:?}");
+    assert!(d.stdout.contains("spinning"), "{}", d.stdout);
+    assert!(d.stderr.contains("stopping the VM"), "{}", d.stderr);
+    // The image's lock went with the VMM: a new VM may open it.
+    let d2 = finish(
+        spawn(
+            &[
+                "run",
+                "--kernel",
+                guest("pvh_exit0").to_str().unwrap(),
+                "--disk",
+                img.to_str().unwrap(),
+            ],
+            &[],
+        ),
+        Duration::from_secs(60),
+    );
+    assert_eq!(d2.code, Some(0), "{}", d2.stderr);
+    let _ = d.took;
+}
+
+#[test]
+fn sigterm_stops_a_running_vm() {
+    if kvm_present() {
+        signal_stops_vm(libc::SIGTERM, 143);
+    }
+}
+
+#[test]
+fn sigint_stops_a_running_vm() {
+    if kvm_present() {
+        signal_stops_vm(libc::SIGINT, 130);
+    }
+}

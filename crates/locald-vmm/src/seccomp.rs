@@ -1,0 +1,905 @@
+//! Seccomp filters, one allow-list per kind of thread (see docs/seccomp.md).
+//!
+//! Every thread the VM creates installs the filter of its kind on itself
+//! before it touches guest-controlled data: vCPU threads before the first
+//! `KVM_RUN`, device workers before their event loop, the console, publish
+//! and agent threads before their first read. The thread that owns the
+//! whole VMM (the CLI's main thread) installs the [`ThreadKind::Main`]
+//! filter itself through [`install`]; the library never filters a thread it
+//! did not create.
+//!
+//! A call outside the list raises `SIGSYS` (`SECCOMP_RET_TRAP`); the
+//! handler, which runs on the offending thread, writes one line naming the
+//! thread and the call to stderr and ends the process with [`EXIT_CODE`].
+//!
+//! Filters stack: a thread started by a filtered thread would be bound by
+//! its parent's list too. So threads are started through [`spawn`]: from a
+//! filtered thread the request goes to the *spawner*, a thread created
+//! unfiltered before the first filter is installed, whose only job is to
+//! start threads (it never reads guest or client data).
+
+mod syscalls;
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// Exit status of a process one of whose filtered threads made a forbidden
+/// system call (128 + SIGSYS, as if killed by that signal).
+pub const EXIT_CODE: i32 = 128 + libc::SIGSYS;
+
+/// Environment variable of the self-test: when set to a thread kind
+/// (`main`, `vcpu`, `worker`, `control`) or to a thread's name, that
+/// thread makes a forbidden call right after installing its filter. Read
+/// from the host environment only; nothing the guest does reaches it.
+pub const SELFTEST_ENV: &str = "LOCALD_VMM_SECCOMP_SELFTEST";
+
+/// Seccomp setup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// A filter could not be compiled (a bug in the lists).
+    #[error("cannot build the seccomp filter for {kind} threads: {err}")]
+    Compile { kind: &'static str, err: String },
+    /// The kernel refused the filter (no seccomp support?).
+    #[error("cannot install the seccomp filter on thread '{thread}': {err}")]
+    Apply { thread: String, err: String },
+    /// The kernel has no seccomp filter support.
+    #[error("this kernel has no seccomp filter support ({0}); run with --no-seccomp")]
+    Unsupported(std::io::Error),
+}
+
+/// The device behind a worker thread; each has its own list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Device {
+    /// virtio-blk: positioned reads and writes, flushes on the image.
+    Block,
+    /// virtio-rng: getrandom.
+    Rng,
+    /// virtio-vsock: Unix sockets to host services, a timer.
+    Vsock,
+    /// virtio-fs: the passthrough file system (most file system calls).
+    Fs,
+    /// virtio-net: the TAP descriptor or passt's socket.
+    Net,
+    /// A device without a list of its own: the union of all of them.
+    Other,
+}
+
+impl Device {
+    /// The device of a worker named `name` (`virtio-blk vda`, `virtio-fs`…).
+    pub fn from_worker_name(name: &str) -> Device {
+        let kind = name.split_whitespace().next().unwrap_or("");
+        match kind {
+            "virtio-blk" => Device::Block,
+            "virtio-rng" => Device::Rng,
+            "virtio-vsock" => Device::Vsock,
+            "virtio-fs" => Device::Fs,
+            "virtio-net" => Device::Net,
+            _ => Device::Other,
+        }
+    }
+}
+
+/// The kinds of thread, each with its own allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ThreadKind {
+    /// The VMM's own thread: the CLI's main thread, and the library's `vm`
+    /// thread behind [`crate::VirtualMachine::spawn`]. Waits for the guest,
+    /// kicks and joins vCPUs, tears the VM down, talks to the agent and
+    /// serves the control socket. No KVM calls, no process creation.
+    Main,
+    /// A vCPU thread: `KVM_RUN` and the few vCPU ioctls the exit handlers
+    /// use, device emulation (eventfds), starting and stopping workers.
+    Vcpu,
+    /// A virtio device's worker thread.
+    Worker(Device),
+    /// Console input, published ports, agent stdin, signal handling:
+    /// sockets and stdio, nothing else.
+    Control,
+}
+
+impl ThreadKind {
+    /// Short label, as used by [`SELFTEST_ENV`] and in docs.
+    pub fn label(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Worker(_) => "worker",
+            ThreadKind::Control => "control",
+        }
+    }
+
+    const ALL: [ThreadKind; 9] = [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::Control,
+        ThreadKind::Worker(Device::Block),
+        ThreadKind::Worker(Device::Rng),
+        ThreadKind::Worker(Device::Vsock),
+        ThreadKind::Worker(Device::Fs),
+        ThreadKind::Worker(Device::Net),
+        ThreadKind::Worker(Device::Other),
+    ];
+}
+
+// ---------------------------------------------------------------------------
+// The allow-lists.
+
+/// What every thread does: Rust's runtime and allocator (glibc malloc maps,
+/// trims and protects arenas), locks and condition variables, sleeping,
+/// clocks, logging to stderr, the vCPU kick signal's return, a HashMap's
+/// random keys, closing descriptors, thread exit.
+const COMMON: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_gettimeofday,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_getrandom,
+    libc::SYS_write,
+    libc::SYS_close,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// vCPU threads, besides `ioctl` (see [`vcpu_ioctls`]): eventfd reads and
+/// writes (irqfds, queue notifications forwarded by the transport), and
+/// what starting a device's worker takes (an eventfd, a duplicate of it, an
+/// epoll instance) and resetting one (vsock drops its host connections).
+const VCPU: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_eventfd2,
+    libc::SYS_fcntl,
+    libc::SYS_epoll_create1,
+    libc::SYS_shutdown,
+];
+
+/// Every worker: its event loop (epoll), queue eventfds (read), the
+/// interrupt eventfd (write), duplicated descriptors.
+const WORKER: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+    libc::SYS_fcntl,
+];
+
+/// virtio-blk: the image is read and written at offsets, flushed, and
+/// punched or zeroed for DISCARD / WRITE_ZEROES.
+const BLOCK: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_lseek,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_fallocate,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+];
+
+/// virtio-vsock: host Unix sockets (connect to `<uds>_<port>`, accept on
+/// the hybrid socket), non-blocking I/O, a timer for retries.
+const VSOCK: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_shutdown,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+];
+
+/// virtio-net: frames through the TAP descriptor or passt's socket.
+const NET: &[i64] = &[
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+/// virtio-fs: fuse-backend-rs's passthrough file system, confined to the
+/// shared directory by its own handles (`open_by_handle_at`), with
+/// per-request credentials (`setres[ug]id`, `setfs[ug]id`).
+const FS: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_statfs,
+    libc::SYS_getdents64,
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_preadv2,
+    libc::SYS_readv,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_pwritev2,
+    libc::SYS_writev,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_ftruncate,
+    libc::SYS_copy_file_range,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_linkat,
+    libc::SYS_symlinkat,
+    libc::SYS_readlinkat,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_utimensat,
+    libc::SYS_fgetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_flistxattr,
+    libc::SYS_fremovexattr,
+    libc::SYS_getxattr,
+    libc::SYS_lgetxattr,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_listxattr,
+    libc::SYS_llistxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_umask,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_flock,
+];
+
+/// The VMM thread: stdio and the terminal, the agent and control sockets,
+/// published-port listeners, kicking vCPUs (`tgkill`), tearing the VM
+/// down (flushing disks, stopping passt, removing its socket directory),
+/// and `--profile-guest`'s System.map; `kill` with SIGTERM only (see
+/// [`compile`]). No KVM ioctl, no exec, no clone (threads come from the
+/// spawner).
+const MAIN: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_openat,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_getdents64,
+    libc::SYS_unlinkat,
+    libc::SYS_unlink,
+    libc::SYS_rmdir,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_dup2,
+    libc::SYS_dup3,
+    libc::SYS_flock,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_ctl,
+    libc::SYS_connect,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_tgkill,
+    libc::SYS_wait4,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_rt_sigtimedwait,
+];
+
+/// Console input, publish and agent-stdin threads, the CLI's signal
+/// thread: stdio and sockets.
+const CONTROL: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_connect,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_fcntl,
+    libc::SYS_rt_sigtimedwait,
+];
+
+/// KVM ioctl numbers (`_IO*(KVMIO = 0xAE, nr, type)`).
+pub mod kvm_ioctl {
+    const fn io(dir: u64, nr: u64, size: u64) -> u64 {
+        (dir << 30) | (size << 16) | (0xae << 8) | nr
+    }
+    const R: u64 = 2;
+    const W: u64 = 1;
+    /// KVM_RUN.
+    pub const RUN: u64 = io(0, 0x80, 0);
+    /// KVM_GET_REGS.
+    pub const GET_REGS: u64 = io(
+        R,
+        0x81,
+        std::mem::size_of::<kvm_bindings::kvm_regs>() as u64,
+    );
+    /// KVM_SET_REGS.
+    pub const SET_REGS: u64 = io(
+        W,
+        0x82,
+        std::mem::size_of::<kvm_bindings::kvm_regs>() as u64,
+    );
+    /// KVM_GET_SREGS.
+    pub const GET_SREGS: u64 = io(
+        R,
+        0x83,
+        std::mem::size_of::<kvm_bindings::kvm_sregs>() as u64,
+    );
+    /// KVM_TRANSLATE.
+    pub const TRANSLATE: u64 = io(
+        R | W,
+        0x85,
+        std::mem::size_of::<kvm_bindings::kvm_translation>() as u64,
+    );
+    /// KVM_GET_VCPU_EVENTS.
+    pub const GET_VCPU_EVENTS: u64 = io(
+        R,
+        0x9f,
+        std::mem::size_of::<kvm_bindings::kvm_vcpu_events>() as u64,
+    );
+    /// KVM_SET_VCPU_EVENTS.
+    pub const SET_VCPU_EVENTS: u64 = io(
+        W,
+        0xa0,
+        std::mem::size_of::<kvm_bindings::kvm_vcpu_events>() as u64,
+    );
+}
+
+/// The ioctls a vCPU thread makes once running: `KVM_RUN`, and for
+/// instruction completion and profiling the register, translation and
+/// event calls. Nothing that creates or reconfigures the VM.
+///
+/// Plus `TUNSETOFFLOAD`: a guest driver's DRIVER_OK activates its device on
+/// the vCPU thread that wrote it, and virtio-net then tells the TAP which
+/// offloads the guest accepted.
+fn vcpu_ioctls() -> Vec<u64> {
+    use kvm_ioctl::*;
+    vec![
+        RUN,
+        GET_REGS,
+        SET_REGS,
+        GET_SREGS,
+        TRANSLATE,
+        GET_VCPU_EVENTS,
+        SET_VCPU_EVENTS,
+        TUNSETOFFLOAD,
+    ]
+}
+
+/// `TUNSETOFFLOAD` (`_IOW('T', 208, unsigned int)`).
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+
+/// Terminal and socket ioctls: raw mode (TCGETS/TCSETS*), the window
+/// size, non-blocking sockets (FIONBIO), close-on-exec.
+fn stdio_ioctls() -> Vec<u64> {
+    [
+        libc::TCGETS,
+        libc::TCSETS,
+        libc::TCSETSW,
+        libc::TCSETSF,
+        libc::TIOCGWINSZ,
+        libc::FIONBIO,
+        libc::FIOCLEX,
+    ]
+    .to_vec()
+}
+
+/// Socket families a kind may create (`socket` arg 0).
+fn socket_domains(kind: ThreadKind) -> &'static [i32] {
+    match kind {
+        ThreadKind::Main => &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6],
+        ThreadKind::Control => &[libc::AF_UNIX],
+        ThreadKind::Worker(Device::Vsock | Device::Other) => &[libc::AF_UNIX],
+        _ => &[],
+    }
+}
+
+/// `(syscalls allowed with any arguments, allowed ioctl requests)`.
+fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
+    let mut calls: Vec<i64> = COMMON.to_vec();
+    let mut ioctls = Vec::new();
+    match kind {
+        ThreadKind::Main => {
+            calls.extend_from_slice(MAIN);
+            ioctls = stdio_ioctls();
+        }
+        ThreadKind::Control => {
+            calls.extend_from_slice(CONTROL);
+            ioctls = stdio_ioctls();
+        }
+        ThreadKind::Vcpu => {
+            calls.extend_from_slice(VCPU);
+            ioctls = vcpu_ioctls();
+        }
+        ThreadKind::Worker(dev) => {
+            calls.extend_from_slice(WORKER);
+            let lists: &[&[i64]] = match dev {
+                Device::Block => &[BLOCK],
+                Device::Rng => &[],
+                Device::Vsock => &[VSOCK],
+                Device::Fs => &[FS],
+                Device::Net => &[NET],
+                Device::Other => &[BLOCK, VSOCK, FS, NET],
+            };
+            for l in lists {
+                calls.extend_from_slice(l);
+            }
+            if matches!(dev, Device::Vsock | Device::Other) {
+                ioctls.push(libc::FIONBIO);
+            }
+        }
+    }
+    calls.sort_unstable();
+    calls.dedup();
+    ioctls.sort_unstable();
+    ioctls.dedup();
+    (calls, ioctls)
+}
+
+fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let err = |e: seccompiler::BackendError| SeccompError::Compile {
+        kind: kind.label(),
+        err: e.to_string(),
+    };
+    let (calls, ioctls) = allowed(kind);
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        calls.into_iter().map(|c| (c, Vec::new())).collect();
+    let eq = |arg: u8, value: u64| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+            .and_then(|c| SeccompRule::new(vec![c]))
+    };
+    if !ioctls.is_empty() {
+        let r = ioctls
+            .iter()
+            .map(|&n| eq(1, n))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        rules.insert(libc::SYS_ioctl, r);
+    }
+    if kind == ThreadKind::Main {
+        // Stopping passt when the VM is dropped: SIGTERM and nothing else.
+        rules.insert(
+            libc::SYS_kill,
+            vec![eq(1, libc::SIGTERM as u64).map_err(err)?],
+        );
+    }
+    let domains = socket_domains(kind);
+    if !domains.is_empty() {
+        let r = domains
+            .iter()
+            .map(|&d| eq(0, d as u64))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        rules.insert(libc::SYS_socket, r);
+    }
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(err)?;
+    filter.try_into().map_err(err)
+}
+
+/// The compiled filter of `kind`, built once per process.
+fn program(kind: ThreadKind) -> Result<&'static BpfProgram, SeccompError> {
+    type Cache = Mutex<BTreeMap<ThreadKind, &'static BpfProgram>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = map.get(&kind) {
+        return Ok(p);
+    }
+    // Leaked on purpose: a handful of small programs, kept for the process.
+    let p: &'static BpfProgram = Box::leak(Box::new(compile(kind)?));
+    map.insert(kind, p);
+    Ok(p)
+}
+
+/// Checks that the kernel supports seccomp filters and that every filter
+/// compiles; called when a VM with seccomp on is created, so that a
+/// thread's own installation cannot fail later.
+pub fn check() -> Result<(), SeccompError> {
+    // SAFETY: PR_GET_SECCOMP takes no pointer and only reports the mode.
+    if unsafe { libc::prctl(libc::PR_GET_SECCOMP) } < 0 {
+        return Err(SeccompError::Unsupported(std::io::Error::last_os_error()));
+    }
+    for kind in ThreadKind::ALL {
+        program(kind)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Installing, and the SIGSYS handler.
+
+const NAME_MAX: usize = 48;
+
+thread_local! {
+    /// This thread's name for the SIGSYS message (NUL-padded), set before
+    /// its filter is installed; empty on threads we did not filter.
+    static THREAD_NAME: Cell<[u8; NAME_MAX]> = const { Cell::new([0; NAME_MAX]) };
+    /// Whether this thread runs under one of our filters.
+    static FILTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread runs under one of our filters.
+pub fn is_filtered() -> bool {
+    FILTERED.with(Cell::get)
+}
+
+/// Installs the filter of `kind` on the calling thread, named `name` in
+/// violation messages. Creates the spawner first (from this still
+/// unfiltered thread) and installs the SIGSYS handler. Irreversible: the
+/// thread stays filtered until it ends.
+pub fn install(kind: ThreadKind, name: &str) -> Result<(), SeccompError> {
+    let prog = program(kind)?;
+    install_sigsys_handler();
+    spawner();
+    let mut buf = [0u8; NAME_MAX];
+    let n = name.len().min(NAME_MAX);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    THREAD_NAME.with(|c| c.set(buf));
+    seccompiler::apply_filter(prog).map_err(|e| SeccompError::Apply {
+        thread: name.to_string(),
+        err: e.to_string(),
+    })?;
+    FILTERED.with(|c| c.set(true));
+    tracing::debug!(
+        "seccomp: {} filter installed on thread '{name}'",
+        kind.label()
+    );
+    selftest(kind, name);
+    Ok(())
+}
+
+/// With [`SELFTEST_ENV`] naming this thread's kind or name, makes a call no
+/// list allows (`ptrace` with an invalid request, harmless if it ran).
+fn selftest(kind: ThreadKind, name: &str) {
+    let Some(want) = std::env::var_os(SELFTEST_ENV) else {
+        return;
+    };
+    if want == kind.label() || want == name {
+        // SAFETY: ptrace with an invalid request and no pointers; the
+        // filter traps it before the kernel looks at the arguments.
+        unsafe { libc::syscall(libc::SYS_ptrace, -1i64, 0, 0, 0) };
+    }
+}
+
+fn install_sigsys_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask"
+        // value; we fill in the handler and flags before using it.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = on_sigsys as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: installs a handler that only uses async-signal-safe
+        // calls (write, _exit) on valid data; the old action is not needed.
+        unsafe {
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut());
+        }
+    });
+}
+
+/// A fixed buffer the SIGSYS handler formats its line into.
+struct Line {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Line {
+    fn push(&mut self, s: &[u8]) {
+        for &b in s {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+    }
+    fn push_dec(&mut self, mut n: u64) {
+        let mut d = [0u8; 20];
+        let mut i = d.len();
+        loop {
+            i -= 1;
+            d[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&d[i..]);
+    }
+    fn push_hex(&mut self, n: u64) {
+        self.push(b"0x");
+        let mut started = false;
+        for shift in (0..16).rev() {
+            let nib = ((n >> (shift * 4)) & 0xf) as u8;
+            if nib != 0 || started || shift == 0 {
+                started = true;
+                self.push(&[b"0123456789abcdef"[nib as usize]]);
+            }
+        }
+    }
+}
+
+/// Formats the violation line (no allocation; used by the handler).
+fn violation_line(thread: &[u8], nr: i64, arg1: u64) -> Line {
+    let mut l = Line {
+        buf: [0; 256],
+        len: 0,
+    };
+    l.push(b"seccomp: thread '");
+    let name_len = thread.iter().position(|&b| b == 0).unwrap_or(thread.len());
+    if name_len == 0 {
+        l.push(b"?");
+    } else {
+        l.push(&thread[..name_len]);
+    }
+    l.push(b"' made forbidden syscall ");
+    l.push_dec(nr as u64);
+    if let Some(name) = syscalls::name(nr) {
+        l.push(b" (");
+        l.push(name.as_bytes());
+        if nr == libc::SYS_ioctl {
+            l.push(b" request ");
+            l.push_hex(arg1);
+        }
+        l.push(b")");
+    }
+    l.push(b"; the VMM stops (debug with --no-seccomp, see docs/seccomp.md)\n");
+    l
+}
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS; for
+    // SYS_SECCOMP its `_sigsys` member holds the call number as the int at
+    // byte offset 24 (after signo, errno, code, padding and call_addr).
+    let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() } as i64;
+    // SAFETY: with SA_SIGINFO the third argument is the interrupted
+    // thread's ucontext; RSI holds the call's second argument.
+    let arg1 = unsafe {
+        let uc = &*(ctx as *const libc::ucontext_t);
+        uc.uc_mcontext.gregs[libc::REG_RSI as usize] as u64
+    };
+    let name = THREAD_NAME.with(Cell::get);
+    let line = violation_line(&name, nr, arg1);
+    // SAFETY: write and _exit are async-signal-safe; the buffer is ours.
+    unsafe {
+        libc::write(2, line.buf.as_ptr().cast(), line.len);
+        libc::_exit(EXIT_CODE);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Starting threads.
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The spawner's queue, created (with its thread) on first use.
+fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        // If this fails the process cannot start threads at all; filtered
+        // threads then get an error from `spawn`.
+        let _ = std::thread::Builder::new()
+            .name("seccomp spawner".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            });
+        Mutex::new(tx)
+    })
+}
+
+/// Starts a thread named `name` running `f`. With `kind`, the new thread
+/// first installs that kind's filter (and ends the process, as a violation
+/// would, if it cannot). From a filtered thread the thread is started by
+/// the spawner, so it does not inherit the caller's filter.
+pub fn spawn<F, T>(name: String, kind: Option<ThreadKind>, f: F) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let tname = name.clone();
+    let body = move || {
+        if let Some(kind) = kind {
+            if let Err(e) = install(kind, &tname) {
+                // Never run unfiltered when a filter was asked for.
+                eprintln!("locald-vmm: {e}");
+                std::process::exit(EXIT_CODE);
+            }
+        }
+        f()
+    };
+    if !is_filtered() {
+        return std::thread::Builder::new().name(name).spawn(body);
+    }
+    let (tx, rx) = mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = tx.send(std::thread::Builder::new().name(name).spawn(body));
+    });
+    spawner()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(job)
+        .map_err(|_| std::io::Error::other("the seccomp spawner thread is gone"))?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the seccomp spawner thread is gone"))?
+}
+
+/// Like [`spawn`], filtering the new thread with `kind` only when the
+/// calling thread is filtered itself: threads that serve a filtered VMM
+/// are filtered, library callers that opted out are left alone.
+pub fn spawn_inherit<F, T>(name: String, kind: ThreadKind, f: F) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    spawn(name, is_filtered().then_some(kind), f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_filter_compiles() {
+        for kind in ThreadKind::ALL {
+            let p = compile(kind).unwrap();
+            assert!(!p.is_empty(), "{kind:?}");
+        }
+        check().unwrap();
+    }
+
+    #[test]
+    fn kvm_ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(kvm_ioctl::RUN, 0xae80);
+        assert_eq!(kvm_ioctl::GET_REGS, 0x8090_ae81);
+        assert_eq!(kvm_ioctl::SET_REGS, 0x4090_ae82);
+        assert_eq!(kvm_ioctl::GET_SREGS, 0x8138_ae83);
+        assert_eq!(kvm_ioctl::TRANSLATE, 0xc018_ae85);
+        assert_eq!(kvm_ioctl::GET_VCPU_EVENTS, 0x8040_ae9f);
+        assert_eq!(kvm_ioctl::SET_VCPU_EVENTS, 0x4040_aea0);
+    }
+
+    #[test]
+    fn lists_keep_dangerous_calls_out() {
+        for kind in ThreadKind::ALL {
+            let (calls, _) = allowed(kind);
+            for bad in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_ptrace,
+                libc::SYS_mount,
+                libc::SYS_clone,
+                libc::SYS_clone3,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+                libc::SYS_kill,
+                libc::SYS_setns,
+                libc::SYS_unshare,
+                libc::SYS_process_vm_writev,
+            ] {
+                assert!(!calls.contains(&bad), "{kind:?} allows {bad}");
+            }
+        }
+        // Only vCPUs may call KVM, and only their run-time ioctls.
+        let (_, main_ioctls) = allowed(ThreadKind::Main);
+        assert!(!main_ioctls.contains(&kvm_ioctl::RUN));
+        let (vcpu_calls, _) = allowed(ThreadKind::Vcpu);
+        assert!(!vcpu_calls.contains(&libc::SYS_openat));
+    }
+
+    #[test]
+    fn worker_names_map_to_devices() {
+        assert_eq!(Device::from_worker_name("virtio-blk vdb"), Device::Block);
+        assert_eq!(Device::from_worker_name("virtio-fs"), Device::Fs);
+        assert_eq!(Device::from_worker_name("virtio-net"), Device::Net);
+        assert_eq!(Device::from_worker_name("virtio-vsock"), Device::Vsock);
+        assert_eq!(Device::from_worker_name("virtio-rng"), Device::Rng);
+        assert_eq!(Device::from_worker_name("test worker"), Device::Other);
+    }
+
+    #[test]
+    fn violation_line_names_thread_and_call() {
+        let mut name = [0u8; NAME_MAX];
+        name[..6].copy_from_slice(b"vcpu 0");
+        let l = violation_line(&name, libc::SYS_ptrace, 0);
+        let s = std::str::from_utf8(&l.buf[..l.len]).unwrap();
+        assert!(
+            s.starts_with("seccomp: thread 'vcpu 0' made forbidden syscall 101 (ptrace)"),
+            "{s}"
+        );
+        let l = violation_line(&[0; NAME_MAX], libc::SYS_ioctl, 0xae01);
+        let s = std::str::from_utf8(&l.buf[..l.len]).unwrap();
+        assert!(
+            s.contains("thread '?'") && s.contains("(ioctl request 0xae01)"),
+            "{s}"
+        );
+    }
+}
