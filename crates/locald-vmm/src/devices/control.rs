@@ -123,7 +123,9 @@ impl VmControl {
     /// Waits for a stop request, at most `timeout` (forever if `None`).
     /// Returns `None` on timeout.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<Outcome> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too long to be a deadline (e.g. a control request's
+        // `timeout_secs` near u64::MAX) is as good as none.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut slot = self.status.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(s) = slot.as_ref() {
@@ -235,6 +237,18 @@ mod tests {
             t.join().unwrap(),
             Some(Outcome::Status(ExitStatus::TripleFault))
         );
+    }
+
+    /// Found by the `exit_port` fuzz target: a huge timeout (a control
+    /// `stop` request's `timeout_secs` reaches this wait) overflowed
+    /// `Instant + Duration` and panicked.
+    #[test]
+    fn wait_accepts_huge_timeouts() {
+        let c = VmControl::new();
+        c.request_stop(ExitStatus::Exited(3));
+        let done = Some(Outcome::Status(ExitStatus::Exited(3)));
+        assert_eq!(c.wait(Some(Duration::MAX)), done);
+        assert_eq!(c.wait(Some(Duration::from_secs(u64::MAX))), done);
     }
 
     #[test]

@@ -148,10 +148,20 @@ impl SerialDevice {
     fn fill_fifo(&mut self) {
         while !self.pending.is_empty() && self.uart.fifo_capacity() > 0 {
             let n = self.uart.fifo_capacity().min(self.pending.len());
-            let chunk: Vec<u8> = self.pending.drain(..n).collect();
-            if let Err(e) = self.uart.enqueue_raw_bytes(&chunk) {
-                tracing::warn!("serial input dropped: {e:?}");
-                return;
+            let chunk: Vec<u8> = self.pending.iter().take(n).copied().collect();
+            match self.uart.enqueue_raw_bytes(&chunk) {
+                // Loopback mode: the UART takes no host input now; keep it
+                // pending until the guest leaves loopback.
+                Ok(0) => return,
+                Ok(k) => {
+                    self.pending.drain(..k);
+                }
+                Err(e) => {
+                    // Only raising the interrupt failed: the bytes are queued.
+                    self.pending.drain(..n);
+                    tracing::warn!("serial input: {e:?}");
+                    return;
+                }
             }
         }
     }
@@ -172,6 +182,10 @@ impl BusDevice for SerialDevice {
         if data.len() == 1 && offset < COM1_LEN {
             if let Err(e) = self.uart.write(offset as u8, data[0]) {
                 tracing::debug!("serial write failed: {e:?}");
+            }
+            // Input held back during loopback flows again once it ends.
+            if !self.pending.is_empty() {
+                self.fill_fifo();
             }
         }
     }
@@ -222,6 +236,37 @@ mod tests {
             got.push(b[0]);
         }
         assert_eq!(got, input);
+        assert_eq!(dev.pending_input(), 0);
+    }
+
+    /// Found by the `serial` fuzz target: host input waiting for FIFO room
+    /// was silently dropped while the guest had the UART in loopback mode
+    /// (as Linux's 8250 probe does), and input then stalled.
+    #[test]
+    fn loopback_keeps_pending_input() {
+        let (mut dev, _, _) = device(SharedBuffer::default());
+        let input: Vec<u8> = (0..100u8).collect();
+        assert_eq!(dev.queue_input(&input), 100);
+        dev.write(4, &[0x18]); // MCR: OUT2 | LOOP
+        let mut got = Vec::new();
+        let mut b = [0u8];
+        dev.read(0, &mut b); // reads from the FIFO and tries to refill it
+        got.push(b[0]);
+        assert_eq!(dev.queue_input(b"!"), 1);
+        assert_eq!(dev.pending_input(), 37);
+        dev.write(4, &[0x08]); // loopback off: input flows again
+        for _ in 0..1000 {
+            let mut lsr = [0u8];
+            dev.read(5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                break;
+            }
+            dev.read(0, &mut b);
+            got.push(b[0]);
+        }
+        let mut want = input;
+        want.push(b'!');
+        assert_eq!(got, want);
         assert_eq!(dev.pending_input(), 0);
     }
 

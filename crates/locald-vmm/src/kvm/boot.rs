@@ -11,7 +11,7 @@ use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use linux_loader::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::layout::*;
 use crate::error::BootError;
@@ -82,9 +82,12 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
                 mode: EntryMode::Linux64,
             },
         };
+        let end = elf_image_end(&mut file, r.kernel_end)
+            .map_err(|why| BootError::KernelLoad(path.into(), why))?;
+        check_image(mem, path, entry.entry, end)?;
         Ok(LoadedKernel {
             entry,
-            end: r.kernel_end,
+            end,
             header: None,
         })
     } else {
@@ -100,15 +103,70 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             ));
         }
         let load = r.kernel_load.0;
+        let end = r.kernel_end.max(load + u64::from(hdr.init_size));
+        check_image(mem, path, load + 0x200, end)?;
         Ok(LoadedKernel {
             entry: KernelEntry {
                 entry: load + 0x200,
                 mode: EntryMode::Linux64,
             },
-            end: r.kernel_end.max(load + u64::from(hdr.init_size)),
+            end,
             header: Some(hdr),
         })
     }
+}
+
+/// The end of an ELF kernel's image: past every `PT_LOAD` segment, its
+/// zero-filled tail included. Refuses segments below HIMEM, where the boot
+/// structures go (linux-loader loads them wherever they say).
+fn elf_image_end(file: &mut File, loaded_end: u64) -> Result<u64, String> {
+    use std::io::{Seek, SeekFrom};
+    let io = |e: std::io::Error| format!("reading the program headers: {e}");
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    file.read_exact(&mut ehdr).map_err(io)?;
+    let phoff = u64::from_le_bytes(ehdr[32..40].try_into().unwrap_or_default());
+    let phnum = u16::from_le_bytes([ehdr[56], ehdr[57]]);
+    file.seek(SeekFrom::Start(phoff)).map_err(io)?;
+    let mut end = loaded_end;
+    for _ in 0..phnum {
+        let mut ph = [0u8; 56];
+        file.read_exact(&mut ph).map_err(io)?;
+        let word = |at: usize| u64::from_le_bytes(ph[at..at + 8].try_into().unwrap_or_default());
+        let (paddr, size) = (word(24), word(32).max(word(40)));
+        if ph[0..4] != [1, 0, 0, 0] || size == 0 {
+            continue; // not a PT_LOAD, or empty
+        }
+        if paddr < HIMEM {
+            return Err(format!(
+                "a segment loads at {paddr:#x}, below {HIMEM:#x} where the boot structures go"
+            ));
+        }
+        let seg_end = paddr
+            .checked_add(size)
+            .ok_or_else(|| format!("the segment at {paddr:#x} overflows"))?;
+        end = end.max(seg_end);
+    }
+    Ok(end)
+}
+
+/// Refuses a kernel whose entry point is outside its own image, or whose
+/// image `[HIMEM, end)` is not all guest RAM below the MMIO hole.
+fn check_image(mem: &GuestMemoryMmap, path: &Path, entry: u64, end: u64) -> Result<(), BootError> {
+    if !(HIMEM..end).contains(&entry) {
+        return Err(BootError::KernelFormat(
+            path.into(),
+            format!("entry point {entry:#x} is outside the kernel image [{HIMEM:#x}, {end:#x})"),
+        ));
+    }
+    let fits = usize::try_from(end - HIMEM).is_ok_and(|n| mem.check_range(GuestAddress(HIMEM), n));
+    if !fits {
+        return Err(BootError::KernelLoad(
+            path.into(),
+            format!("the image ends at {end:#x}, past the end of low RAM"),
+        ));
+    }
+    Ok(())
 }
 
 fn load_error(path: &Path, e: linux_loader::loader::Error) -> BootError {
@@ -371,6 +429,50 @@ mod tests {
             let p = tmpfile(name, &data);
             let err = load_kernel(&mem, &p).err().expect(name).to_string();
             assert!(err.contains(p.to_str().unwrap()), "{name}: {err}");
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+
+    /// Found by the `boot_loader` fuzz target: kernels whose entry point
+    /// lies outside their image (or guest RAM), whose segments load over
+    /// the boot structures below 1 MiB, or whose image runs past guest RAM
+    /// were accepted; the guest then ran garbage.
+    #[test]
+    fn kernels_outside_their_image_or_ram_are_rejected() {
+        let mem = memory(32 << 20);
+        let patch = |mut f: Vec<u8>, at: usize, v: u64| {
+            f[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            f
+        };
+        let mut note_entry = elf(true);
+        let n = note_entry.len();
+        note_entry[n - 4..].copy_from_slice(&0x5000u32.to_le_bytes());
+        let mut no_load = elf(false);
+        no_load[64] = 6; // the only PT_LOAD becomes a PT_PHDR
+        let cases: [(&str, Vec<u8>, &str); 5] = [
+            (
+                "entry-past-image",
+                patch(elf(false), 24, 0x20_0000),
+                "entry point",
+            ),
+            ("pvh-entry-low", note_entry, "entry point"),
+            ("no-segments", no_load, "entry point"),
+            (
+                "low-segment",
+                patch(elf(false), 64 + 24, 0x7000),
+                "boot structures",
+            ),
+            (
+                "bss-past-ram",
+                patch(elf(false), 64 + 40, 64 << 20),
+                "past the end",
+            ),
+        ];
+        for (name, data, why) in cases {
+            let p = tmpfile(name, &data);
+            let err = load_kernel(&mem, &p).err().expect(name).to_string();
+            assert!(err.contains(p.to_str().unwrap()), "{name}: {err}");
+            assert!(err.contains(why), "{name}: {err}");
             std::fs::remove_file(p).unwrap();
         }
     }
