@@ -4,7 +4,7 @@
 # (the default guest's userland), QEMU (benchmark peer and test oracle),
 # binutils (tiny test guests). Idempotent; does nothing if all are present.
 set -euo pipefail
-pkgs=(flex bison bc libelf-dev libssl-dev cpio busybox-static qemu-system-x86 binutils e2fsprogs xz-utils make gcc)
+pkgs=(flex bison bc libelf-dev libssl-dev cpio busybox-static qemu-system-x86 binutils e2fsprogs xz-utils make gcc libc6-dev)
 # virtio-net: passt (--net user), iperf3 (throughput), iproute2 (test namespaces).
 pkgs+=(passt iperf3 iproute2)
 pkgs+=(git python3 tar)  # virtio-fs host-side tests (crates/locald-vmm/tests/virtio_fs_host.rs)

@@ -275,7 +275,9 @@ impl Warned {
         detail: impl std::fmt::Display,
     ) -> bool {
         if self.0.insert(cause) {
-            tracing::warn!("{device}: {cause}: {detail} (further occurrences not logged)");
+            if guest_warning_allowed(std::time::Instant::now()) {
+                tracing::warn!("{device}: {cause}: {detail} (further occurrences not logged)");
+            }
             true
         } else {
             false
@@ -288,9 +290,54 @@ impl Warned {
     }
 }
 
+/// Most guest-misbehaviour warnings logged per [`WARN_WINDOW`], process-wide.
+/// [`Warned`] logs each cause once per activation; a guest that resets its
+/// devices in a loop gets fresh `Warned` sets, and this bound keeps it from
+/// filling the host's log anyway.
+pub const WARN_BURST: u32 = 50;
+/// The window of [`WARN_BURST`].
+pub const WARN_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The process-wide budget of [`WARN_BURST`] warnings per [`WARN_WINDOW`];
+/// when a window with suppressed warnings ends, one line says how many.
+fn guest_warning_allowed(now: std::time::Instant) -> bool {
+    static STATE: std::sync::Mutex<Option<(std::time::Instant, u32, u64)>> =
+        std::sync::Mutex::new(None);
+    let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    let (start, count, suppressed) = st.get_or_insert((now, 0, 0));
+    if now.duration_since(*start) >= WARN_WINDOW {
+        if *suppressed > 0 {
+            tracing::warn!(
+                "{suppressed} more guest-misbehaviour warnings were not logged in the last {} s",
+                now.duration_since(*start).as_secs()
+            );
+        }
+        (*start, *count, *suppressed) = (now, 0, 0);
+    }
+    if *count < WARN_BURST {
+        *count += 1;
+        true
+    } else {
+        *suppressed += 1;
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_warnings_are_bounded_per_window() {
+        // Far in the future so other tests' warnings share no window.
+        let t0 = std::time::Instant::now() + std::time::Duration::from_secs(1 << 20);
+        let allowed = (0..WARN_BURST * 4)
+            .filter(|_| guest_warning_allowed(t0))
+            .count();
+        assert!(allowed as u32 <= WARN_BURST, "{allowed}");
+        assert!(!guest_warning_allowed(t0 + WARN_WINDOW / 2));
+        assert!(guest_warning_allowed(t0 + WARN_WINDOW));
+    }
 
     #[test]
     fn config_reads_zero_fill_past_end() {
