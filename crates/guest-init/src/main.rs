@@ -118,11 +118,15 @@ fn run(port: ExitPort) -> Ending {
         }
     };
     // eth0 from /.locald/net, while busybox is still reachable.
-    net::configure(Path::new(spec::SPEC_DIR));
+    let resolv = net::configure(Path::new(spec::SPEC_DIR));
     if let Some(root) = &spec.root {
         if let Err((what, e)) = rootfs::switch_root(root) {
             console::error(what, e);
             return Ending::Exit(CODE_INIT_FAILURE);
+        }
+        // The DNS servers went to the initramfs' /etc: tell the new root.
+        if let Some(text) = &resolv {
+            net::install_resolv_conf(text);
         }
     }
     for share in &shares {

@@ -235,7 +235,7 @@ fn passt_guest_dhcp_loopback_publish_and_link_down() {
         httpd -p 8080 -h /www
         echo SERVING
         i=0
-        while [ "$(cat /sys/class/net/eth0/carrier)" = 1 ] && [ $i -lt 300 ]; do
+        while [ "$(cat /sys/class/net/eth0/carrier)" = 1 ] && [ $i -lt 1200 ]; do
             sleep 0.2; i=$((i+1))
         done
         echo "carrier=$(cat /sys/class/net/eth0/carrier)"
@@ -245,7 +245,7 @@ fn passt_guest_dhcp_loopback_publish_and_link_down() {
         "--net",
         "user,publish=18081:8080",
         "--timeout",
-        "280",
+        "500",
         "--",
         "sh",
         "-c",
@@ -265,7 +265,10 @@ fn passt_guest_dhcp_loopback_publish_and_link_down() {
     if passt_pid.is_empty() || page.is_none() {
         let _ = Command::new("kill").arg(vmm_pid.to_string()).status();
     }
-    assert!(!passt_pid.is_empty(), "passt runs under the VMM");
+    if passt_pid.is_empty() {
+        let (code, stdout, stderr) = output(child);
+        panic!("passt does not run under the VMM (exit {code:?}):\n{stdout}\n{stderr}");
+    }
     Command::new("kill")
         .args(["-KILL", &passt_pid])
         .status()

@@ -11,7 +11,8 @@
 //!
 //! Spawned on the caller's thread; used on the device's worker thread.
 //! Supervision: when passt exits, its socket reads EOF, the device takes
-//! the link down and logs passt's exit status; the VM keeps running.
+//! the link down (its exit status is logged at teardown: the worker
+//! thread may not call `wait4` under seccomp); the VM keeps running.
 //! Dropping the backend stops passt (SIGTERM, then wait).
 
 use std::io;
@@ -62,6 +63,8 @@ pub struct Passt {
     in_end: usize,
     out: Vec<u8>,
     out_start: usize,
+    /// The socket closed or failed (passt is gone).
+    lost: bool,
 }
 
 impl Passt {
@@ -150,6 +153,7 @@ impl Passt {
             in_end: 0,
             out: Vec::new(),
             out_start: 0,
+            lost: false,
         })
     }
 
@@ -158,24 +162,33 @@ impl Passt {
         self.child.id()
     }
 
-    /// The error to report once passt's socket closed: its exit status if
-    /// it has one.
+    /// The error to report once passt's socket closed. Runs on the
+    /// device's worker thread, whose seccomp filter has no `wait4`: passt
+    /// is not reaped here; its exit status is logged when the backend is
+    /// dropped (on the VMM thread, at teardown).
     fn gone(&mut self, why: &str) -> io::Error {
-        let status = match self.child.try_wait() {
-            Ok(Some(s)) => format!("passt exited ({s})"),
-            _ => format!("passt (pid {}) closed its socket", self.child.id()),
-        };
-        io::Error::new(io::ErrorKind::UnexpectedEof, format!("{status}: {why}"))
+        self.lost = true;
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("passt (pid {}) closed its socket: {why}", self.child.id()),
+        )
     }
 }
 
 impl Drop for Passt {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: signalling our own child, which has not been reaped.
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        match self.child.try_wait() {
+            Ok(Some(status)) if self.lost => {
+                tracing::info!("passt (pid {}) had exited ({status})", self.child.id());
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                // SAFETY: signalling our own child, which has not been reaped.
+                unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+                let _ = self.child.wait();
+            }
+            Err(_) => {}
         }
-        let _ = self.child.wait();
     }
 }
 
