@@ -208,7 +208,12 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         Some(t) if !(t > 0.0 && t.is_finite()) => {
             anyhow::bail!("--timeout must be a positive number of seconds")
         }
-        Some(t) => Some(Duration::from_secs_f64(t)),
+        Some(t) => Some(
+            Duration::try_from_secs_f64(t)
+                .ok()
+                .filter(|d| *d <= locald_vmm::config::MAX_TIMEOUT)
+                .context("--timeout is too large (at most 100 years)")?,
+        ),
         None => None,
     };
     let mut cmdline = args.cmdline.clone();
@@ -347,10 +352,51 @@ fn exit(r: anyhow::Result<u8>) -> ExitCode {
     match r {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("locald-vmm: error: {e:#}");
+            print_error(&e);
             ExitCode::from(VMM_ERROR)
         }
     }
+}
+
+/// Prints `e` as one line: its causes joined by `: ` (a cause that repeats
+/// the previous one is dropped), and a hint when the process ran out of
+/// file descriptors.
+fn print_error(e: &anyhow::Error) {
+    eprintln!("locald-vmm: error: {}", error_line(e));
+}
+
+fn error_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if parts.last().is_some_and(|p| p.ends_with(&text)) {
+            continue;
+        }
+        parts.push(text);
+    }
+    let mut line = parts.join(": ");
+    let out_of_fds = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|n| n == libc::EMFILE || n == libc::ENFILE)
+    }) || line.contains("(os error 24)")
+        || line.contains("(os error 23)");
+    if out_of_fds {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes only the rlimit we pass.
+        let limit = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur.to_string()
+        } else {
+            "unknown".into()
+        };
+        line.push_str(&format!(
+            " (out of file descriptors: the limit is {limit}; raise it with `ulimit -n`)"
+        ));
+    }
+    line
 }
 
 /// Logging to stderr: `LOCALD_VMM_LOG` filter, else info with -v, else warn.
@@ -411,7 +457,7 @@ fn main() -> ExitCode {
             return match mkrootfs(&a) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("locald-vmm: error: {e:#}");
+                    print_error(&e);
                     ExitCode::from(VMM_ERROR)
                 }
             }
@@ -420,7 +466,7 @@ fn main() -> ExitCode {
             return match prepare() {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("locald-vmm: error: {e:#}");
+                    print_error(&e);
                     ExitCode::from(VMM_ERROR)
                 }
             }
@@ -433,7 +479,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("locald-vmm: error: {e:#}");
+            print_error(&e);
             ExitCode::from(VMM_ERROR)
         }
     }

@@ -474,3 +474,128 @@ fn publish_needs_a_valid_mapping() {
         "need the guest agent",
     );
 }
+
+#[test]
+fn out_of_file_descriptors_is_one_clear_line() {
+    if !kvm_present() {
+        return;
+    }
+    let kernel = guest("pvh_hello");
+    let mut failures = 0;
+    for limit in [5u64, 8, 11, 14] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_locald-vmm"));
+        cmd.args(["run", "--kernel"])
+            .arg(&kernel)
+            .stdin(Stdio::null());
+        // SAFETY: setrlimit is async-signal-safe; the closure touches no
+        // state shared with the parent.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = cmd.output().expect("spawning locald-vmm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(!stderr.contains("panicked"), "limit {limit}: {stderr}");
+        if out.status.code() == Some(0) {
+            continue;
+        }
+        failures += 1;
+        assert_eq!(
+            out.status.code(),
+            Some(VMM_ERROR),
+            "limit {limit}: {stderr}"
+        );
+        assert_eq!(lines.len(), 1, "limit {limit}: one line, got:\n{stderr}");
+        assert!(
+            lines[0].contains("out of file descriptors"),
+            "limit {limit}: {:?}",
+            lines[0]
+        );
+        assert_eq!(
+            lines[0].matches("(os error 24)").count(),
+            1,
+            "limit {limit}: cause repeated: {:?}",
+            lines[0]
+        );
+    }
+    assert!(failures > 0, "even 5 fds were enough?");
+}
+
+#[test]
+fn absurd_timeout_is_one_clear_line() {
+    assert_clean_error(&["run", "--timeout", "1e300", "--", "true"], "--timeout");
+}
+
+/// A VMM killed with SIGKILL (no cleanup runs) leaves nothing that blocks
+/// the next VM: its disk lock goes with the process, and a new VM on the
+/// same writable image starts and finishes normally.
+#[test]
+fn sigkilled_vmm_leaves_no_lock_behind() {
+    if !kvm_present() {
+        return;
+    }
+    let img = scratch("sigkill.img", &vec![0u8; 1 << 20]);
+    let spin = guest("spin");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_locald-vmm"))
+        .args(["run", "--kernel"])
+        .arg(&spin)
+        .arg("--disk")
+        .arg(&img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning locald-vmm");
+    // The guest prints before it spins: by then the VM holds the lock.
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("spinning") {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "the spinning VM ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // While it runs, the image is locked: a second VM is refused.
+    let mut refused = None;
+    let mut last = String::new();
+    for _ in 0..100 {
+        let o = cli(&[
+            "run",
+            "--kernel",
+            guest("pvh_hello").to_str().unwrap(),
+            "--disk",
+            img.to_str().unwrap(),
+        ]);
+        if o.code == Some(VMM_ERROR) && o.stderr.contains("in use") {
+            refused = Some(o.stderr);
+            break;
+        }
+        last = format!("{:?}: {}", o.code, o.stderr);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        refused.is_some(),
+        "the running VM holds the disk lock; last: {last}; spinning VM: {:?}",
+        child.try_wait()
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let o = cli(&[
+        "run",
+        "--kernel",
+        guest("pvh_hello").to_str().unwrap(),
+        "--disk",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(o.code, Some(0), "after SIGKILL: {}", o.stderr);
+}

@@ -179,11 +179,41 @@ impl RuntimeDir {
             .recursive(true)
             .mode(0o700)
             .create(&base)?;
+        sweep_stale_runtime_dirs(&base);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = base.join(format!("vm-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         Ok(RuntimeDir(dir))
+    }
+}
+
+/// Removes `vm-<pid>-<n>` directories under `base` whose process is gone
+/// (a VMM killed with SIGKILL cannot remove its own). A reused pid keeps
+/// its directory until that process ends too, which is harmless.
+fn sweep_stale_runtime_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("vm-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if pid <= 0 || pid as u32 == std::process::id() {
+            continue;
+        }
+        // SAFETY: signal 0 only checks that the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

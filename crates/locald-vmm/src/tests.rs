@@ -27,3 +27,39 @@ fn disk_names_follow_linux() {
         ["vda", "vdb", "vdz", "vdaa", "vdab", "vdaz", "vdba", "vdzz", "vdaaa"]
     );
 }
+
+#[test]
+fn stale_runtime_dirs_of_dead_processes_are_swept() {
+    let base = std::env::temp_dir().join(format!("locald-sweep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    // A process that has certainly ended: a child we reaped.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let ours = std::process::id();
+    for name in [
+        format!("vm-{dead}-0"),
+        format!("vm-{ours}-7"),
+        "vm-1-0".to_string(), // pid 1 is alive
+        "other".to_string(),
+    ] {
+        std::fs::create_dir(base.join(&name)).unwrap();
+        std::fs::write(base.join(&name).join("vsock.sock"), b"").unwrap();
+    }
+    sweep_stale_runtime_dirs(&base);
+    let mut left: Vec<String> = std::fs::read_dir(&base)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "other".to_string(),
+            "vm-1-0".to_string(),
+            format!("vm-{ours}-7")
+        ]
+    );
+    std::fs::remove_dir_all(&base).unwrap();
+}
