@@ -5,39 +5,14 @@
 //!
 //! Tests that start a VM need `/dev/kvm` and skip (loudly) only without it.
 
-#[allow(dead_code)] // only build_all/spec are used
-#[path = "../../test-guests/src/builder.rs"]
-mod builder;
+mod common;
+
+use common::*;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-/// Exit code for a VMM-side failure.
-const VMM_ERROR: i32 = 125;
-
-fn guest(name: &str) -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-guests");
-        builder::build_all(&guests, &out).unwrap_or_else(|e| panic!("building test guests: {e}"));
-        out
-    });
-    assert!(builder::spec(name).is_some(), "unknown guest {name}");
-    dir.join(name)
-}
-
-fn kvm_present() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        eprintln!("SKIPPED: /dev/kvm not present");
-        false
-    }
-}
 
 macro_rules! require_kvm {
     () => {
@@ -418,17 +393,6 @@ fn mkrootfs_bad_input() {
     );
     assert!(!Path::new("/tmp/never-written.img").exists());
     assert_clean_error(&["mkrootfs", "--size", "lots", "/tmp/x.img"], "--size");
-}
-
-/// The runtime directory named VMs live in (same rule as the library).
-fn runtime_base() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("locald-vmm"),
-        _ => PathBuf::from(format!(
-            "/tmp/locald-vmm-{}",
-            String::from_utf8_lossy(&Command::new("id").arg("-u").output().unwrap().stdout).trim()
-        )),
-    }
 }
 
 #[test]

@@ -3,18 +3,12 @@
 //! Boots are expensive under software KVM (~10–20 s), so one boot checks
 //! many things. Skips only when /dev/kvm is absent, and says so loudly.
 
+mod common;
+
+use common::*;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn kvm_present() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("=================================================================");
-    eprintln!("SKIPPED: /dev/kvm not present — real-Linux tier NOT run");
-    eprintln!("=================================================================");
-    false
-}
 
 /// The CLI, logging guest markers (info level) without the kernel log.
 fn vmm() -> Command {
@@ -316,20 +310,6 @@ fn interactive_shell_over_the_serial_console() {
     stdin.write_all(b"exit 5\n").expect("type exit");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(5), "the shell's exit status");
-}
-
-/// Runs a host tool and returns its stdout; panics with its stderr.
-fn host(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// One boot from an ext4 root image (`--rootfs`, built with `mkrootfs`)

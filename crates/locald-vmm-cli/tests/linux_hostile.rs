@@ -7,20 +7,14 @@
 //! guest→host vsock stream whose every byte the test checks. One boot.
 //! Skips only when /dev/kvm is absent, and says so loudly.
 
+mod common;
+
+use common::*;
+
 use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn kvm_present() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("=================================================================");
-    eprintln!("SKIPPED: /dev/kvm not present — real-Linux hostile tier NOT run");
-    eprintln!("=================================================================");
-    false
-}
 
 /// The CLI with its runtime dir under `run`.
 fn vmm(run: &Path) -> Command {

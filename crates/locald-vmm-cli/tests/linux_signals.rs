@@ -5,50 +5,19 @@
 //! within the grace period, and that its state directory and sockets are
 //! gone. Skips only when /dev/kvm is absent, and says so loudly.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::*;
+
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn kvm_present() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("=================================================================");
-    eprintln!("SKIPPED: /dev/kvm not present — real-Linux tier NOT run");
-    eprintln!("=================================================================");
-    false
-}
 
 fn vmm() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_locald-vmm"));
     c.env("LOCALD_VMM_LOG", "info")
         .env_remove("LOCALD_VMM_SECCOMP_SELFTEST");
     c
-}
-
-/// Runs a host tool and returns its stdout; panics with its stderr.
-fn host(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The runtime directory named VMs live in (same rule as the library).
-fn runtime_base() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("locald-vmm"),
-        _ => PathBuf::from(format!(
-            "/tmp/locald-vmm-{}",
-            String::from_utf8_lossy(&Command::new("id").arg("-u").output().unwrap().stdout).trim()
-        )),
-    }
 }
 
 /// Whether process `pid` is gone (or a zombie nobody reaped yet).

@@ -11,39 +11,17 @@
 //!
 //! Needs `/dev/kvm`; skips (loudly) only without it.
 
-#[allow(dead_code)] // only build_all/spec are used
-#[path = "../../test-guests/src/builder.rs"]
-mod builder;
+mod common;
+
+use common::*;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Exit status after a seccomp violation (128 + SIGSYS).
 const SECCOMP_EXIT: i32 = 159;
-
-fn guest(name: &str) -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-guests");
-        builder::build_all(&guests, &out).unwrap_or_else(|e| panic!("building test guests: {e}"));
-        out
-    });
-    assert!(builder::spec(name).is_some(), "unknown guest {name}");
-    dir.join(name)
-}
-
-fn kvm_present() -> bool {
-    if Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        eprintln!("SKIPPED: /dev/kvm not present");
-        false
-    }
-}
 
 /// A fresh 1 MiB disk image for test `tag`.
 fn disk(tag: &str) -> PathBuf {
