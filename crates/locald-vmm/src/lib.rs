@@ -419,6 +419,7 @@ impl VirtualMachine {
             ready,
             vsock,
             agent_timeout,
+            agent_failed: false,
         })
     }
 
@@ -486,6 +487,8 @@ pub struct RunningVm {
     ready: Option<agent::ReadyListener>,
     vsock: Option<PathBuf>,
     agent_timeout: Duration,
+    /// `wait_ready` failed: there is no agent to ask for a clean poweroff.
+    agent_failed: bool,
 }
 
 impl RunningVm {
@@ -495,14 +498,14 @@ impl RunningVm {
             return Ok(());
         };
         let control = self.control.clone();
-        ready
-            .wait(self.agent_timeout, || control.status().is_none())
-            .map_err(|e| match self.control.status() {
-                Some(status) => Error::Run(format!(
-                    "the VM ended ({status:?}) before its agent was ready"
-                )),
-                None => e.into(),
-            })
+        let r = ready.wait(self.agent_timeout, || control.status().is_none());
+        self.agent_failed = r.is_err();
+        r.map_err(|e| match self.control.status() {
+            Some(status) => Error::Run(format!(
+                "the VM ended ({status:?}) before its agent was ready"
+            )),
+            None => e.into(),
+        })
     }
 
     /// The vsock device's host socket.
@@ -538,8 +541,12 @@ impl RunningVm {
     }
 
     /// Stops the guest: asks the agent for a clean poweroff (disks synced
-    /// and unmounted), waits up to `grace`, then stops the vCPUs.
+    /// and unmounted), waits up to `grace`, then stops the vCPUs. A VM
+    /// whose agent never became ready is stopped at once.
     pub fn stop(mut self, grace: Duration) -> Result<ExitStatus, Error> {
+        if self.agent_failed && self.is_running() {
+            self.control.request_stop(ExitStatus::PowerOff);
+        }
         if self.is_running() {
             if let Some(uds) = &self.vsock {
                 if let Err(e) = agent::request_shutdown(uds) {
