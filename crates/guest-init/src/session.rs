@@ -536,6 +536,10 @@ impl ExecPlan {
     }
 
     /// Reports `stage` and `errno` on the status pipe and exits.
+    ///
+    /// # Safety
+    /// Only for the forked child before `execve`: it calls `_exit` and
+    /// must not run destructors or touch locks the parent may hold.
     unsafe fn fail(&self, stage: Stage) -> ! {
         // SAFETY: errno location is thread-local and always valid.
         let errno = unsafe { *libc::__errno_location() };
