@@ -542,6 +542,16 @@ fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
             libc::SYS_kill,
             vec![eq(1, libc::SIGTERM as u64).map_err(err)?],
         );
+        // Reading (never setting) this process's limits: glibc's
+        // `getrlimit` is `prlimit64(0, resource, NULL, old)`. The error
+        // line names the descriptor limit when a setup step ran out.
+        let read_only = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)
+            .and_then(|pid| {
+                SeccompCondition::new(2, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)
+                    .and_then(|new| SeccompRule::new(vec![pid, new]))
+            })
+            .map_err(err)?;
+        rules.insert(libc::SYS_prlimit64, vec![read_only]);
     }
     let domains = socket_domains(kind);
     if !domains.is_empty() {
