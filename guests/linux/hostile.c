@@ -395,11 +395,20 @@ static void attack_serial(void)
     printf("hostile: serial flood %zu bytes\n", total);
 }
 
-static int vsock_connect(uint32_t cid, uint32_t port, int nonblock)
+static int vsock_connect(uint32_t cid, uint32_t port, int nonblock, long timeout_s)
 {
     int s = socket(AF_VSOCK, SOCK_STREAM | (nonblock ? SOCK_NONBLOCK : 0), 0);
     if (s < 0)
         return -errno;
+    /* The kernel's default connect timeout is 2 s of guest time; on a
+     * loaded host running an emulated kernel the VMM's RST can take longer
+     * than that to be seen, which would count as "no answer". Give the
+     * device a generous timeout where an answer is due: a reply that
+     * never comes still shows up, as ETIMEDOUT. */
+    if (timeout_s > 0) {
+        struct timeval tmo = {.tv_sec = timeout_s};
+        setsockopt(s, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &tmo, sizeof tmo);
+    }
     struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = cid, .svm_port = port};
     if (connect(s, (struct sockaddr *)&a, sizeof a) != 0 && !(nonblock && errno == EINPROGRESS)) {
         int e = errno;
@@ -413,7 +422,7 @@ static void attack_vsock(uint32_t port)
 {
     unsigned refused = 0, other = 0;
     for (int i = 0; i < 300; i++) {
-        int s = vsock_connect(2, 20000 + rnd() % 10000, 0);
+        int s = vsock_connect(2, 20000 + rnd() % 10000, 0, 60);
         if (s >= 0) {
             other++;
             close(s);
@@ -421,13 +430,14 @@ static void attack_vsock(uint32_t port)
             refused++;
         } else {
             other++;
+            printf("hostile: vsock connect to a closed port: errno %d\n", -s);
         }
     }
     printf("hostile: vsock 300 connects to closed ports: %u refused, %u other\n", refused, other);
     static int socks[1100];
     unsigned opened = 0;
     for (int i = 0; i < 1100; i++) {
-        socks[i] = vsock_connect(2, 5001, 1);
+        socks[i] = vsock_connect(2, 5001, 1, 0);
         opened += socks[i] >= 0;
     }
     sleep_ms(500);
@@ -435,8 +445,8 @@ static void attack_vsock(uint32_t port)
         if (socks[i] >= 0)
             close(socks[i]);
     printf("hostile: vsock 1100 simultaneous connects: %u sockets\n", opened);
-    int bad[3] = {vsock_connect(1, 5000, 0), vsock_connect(3, 5000, 0),
-                  vsock_connect(0xfffffff0u, 5000, 0)};
+    int bad[3] = {vsock_connect(1, 5000, 0, 0), vsock_connect(3, 5000, 0, 0),
+                  vsock_connect(0xfffffff0u, 5000, 0, 0)};
     for (int i = 0; i < 3; i++)
         if (bad[i] >= 0)
             close(bad[i]);
@@ -445,7 +455,7 @@ static void attack_vsock(uint32_t port)
     /* 1 MiB of the pattern byte i = (i * 7 + 3) & 0xff to the host. */
     int s = -1;
     for (int tries = 0; tries < 50 && s < 0; tries++) {
-        s = vsock_connect(2, port, 0);
+        s = vsock_connect(2, port, 0, 60);
         if (s < 0)
             sleep_ms(100);
     }
