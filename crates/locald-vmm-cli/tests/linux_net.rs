@@ -227,10 +227,38 @@ fn passt_guest_dhcp_loopback_publish_and_link_down() {
         let (mut s, _) = l.accept().unwrap();
         s.write_all(b"loopback-ok-through-passt\n").unwrap();
     });
+    // Bulk guest → host: the guest's TSO packets are cut into frames by
+    // the VMM (passt takes no offloads); every byte must arrive in order.
+    const BULK: usize = 256 * 1024;
+    let bulk = ns.run(|| {
+        let l = TcpListener::bind("127.0.0.1:7003").unwrap();
+        // Never hang the test: the VM's own --timeout is 500 s.
+        l.set_nonblocking(true).unwrap();
+        let t0 = Instant::now();
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if t0.elapsed() < Duration::from_secs(520) => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("the guest never connected for the bulk upload: {e}"),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        let mut got = vec![0u8; BULK];
+        s.read_exact(&mut got).unwrap();
+        let want: Vec<u8> = b"0123456789abcde\n".iter().copied().cycle().take(BULK).collect();
+        let verdict = if got == want { "bulk-ok" } else { "bulk-corrupt" };
+        s.write_all(format!("{verdict} {}\n", got.len()).as_bytes()).unwrap();
+        got == want
+    });
     let script = r#"
         ip addr show eth0
         ip route
+        echo "features=$(cat /sys/class/net/eth0/device/features)"
         echo hi | nc 10.232.0.1 7002
+        yes 0123456789abcde | head -c 262144 | nc 10.232.0.1 7003
         mkdir -p /www && echo guest-http-via-passt > /www/index.html
         httpd -p 8080 -h /www
         echo SERVING
@@ -275,6 +303,17 @@ fn passt_guest_dhcp_loopback_publish_and_link_down() {
         .unwrap();
     let (code, stdout, stderr) = output(child);
     server.join().unwrap();
+    assert!(bulk.join().unwrap(), "bulk upload corrupted:\n{stdout}");
+    assert!(stdout.contains(&format!("bulk-ok {BULK}")), "{stdout}");
+    // The driver took the offloads: CSUM (bit 0) and HOST_TSO4 (bit 11).
+    let feats = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("features="))
+        .unwrap_or_default();
+    assert!(
+        feats.get(0..1) == Some("1") && feats.get(11..12) == Some("1"),
+        "guest did not negotiate CSUM/HOST_TSO4: {feats:?}"
+    );
     assert!(
         page.as_deref()
             .unwrap_or_default()

@@ -14,13 +14,16 @@
 //!   queue notifications and on the backend's descriptor (edge-triggered).
 //!
 //! Two queues (receive 0, transmit 1), no control queue, one queue pair.
-//! Offered: MAC, STATUS, MTU (1500), MRG_RXBUF, and the checksum/TSO
-//! offloads only when the backend carries vnet headers (TAP).
+//! Offered: MAC, STATUS, MTU (1500), MRG_RXBUF; guest → host checksum/TSO
+//! offloads on both backends (TAP takes them in its vnet header, passt's
+//! are completed in software by [`segment`]); host → guest offloads only
+//! when the backend carries vnet headers (TAP).
 
 pub mod backend;
 pub mod config;
 pub mod header;
 pub mod passt;
+pub mod segment;
 pub mod tap;
 
 #[cfg(test)]
