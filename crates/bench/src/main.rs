@@ -266,7 +266,7 @@ fn command(opts: &Options, vmm: Vmm, guest: &Path) -> Command {
             c.arg("run")
                 .arg("--kernel")
                 .arg(guest)
-                .args(["--memory", "64M"]);
+                .args(["--memory", "64M", "--cpus", "1"]);
             c
         }
         Vmm::Qemu => {

@@ -73,7 +73,7 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
     /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = locald_vmm::config::DEFAULT_VCPUS.into())]
     cpus: u32,
     /// Guest memory: MiB, or with a suffix M, G or T (e.g. 512M, 2G).
     #[arg(long, value_name = "SIZE", default_value = "128M")]

@@ -18,6 +18,12 @@ pub const MIN_MEMORY_MIB: u64 = 8;
 pub const MAX_MEMORY_MIB: u64 = 1 << 20; // 1 TiB
 /// Upper bound on vCPUs: APIC ids in the MP table are 8-bit and 0xff is broadcast.
 pub const MAX_VCPUS: u8 = 254;
+/// vCPUs when the user says nothing: two, so the guest kernel's async boot
+/// work (initramfs unpacking, deferred probes) and the command's own
+/// threads are not serialised on one CPU. Measured on the software-KVM
+/// development host: userspace 1.6 s and `run -- true` 2.3 s sooner than
+/// with one (scripts/bench-boot.sh).
+pub const DEFAULT_VCPUS: u8 = 2;
 /// Longest `timeout` or `agent_timeout` accepted (100 years): the VM
 /// turns them into `Instant` deadlines, which must not overflow.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -254,7 +260,7 @@ impl Default for VmConfig {
             command: None,
             env: Vec::new(),
             workdir: None,
-            vcpus: 1,
+            vcpus: DEFAULT_VCPUS,
             memory_mib: 128,
             console: ConsoleConfig::Stdio,
             cpu_compat: CpuCompat::Auto,
