@@ -248,9 +248,19 @@ fn passt_guest_dhcp_loopback_publish_and_link_down() {
         s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
         let mut got = vec![0u8; BULK];
         s.read_exact(&mut got).unwrap();
-        let want: Vec<u8> = b"0123456789abcde\n".iter().copied().cycle().take(BULK).collect();
-        let verdict = if got == want { "bulk-ok" } else { "bulk-corrupt" };
-        s.write_all(format!("{verdict} {}\n", got.len()).as_bytes()).unwrap();
+        let want: Vec<u8> = b"0123456789abcde\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(BULK)
+            .collect();
+        let verdict = if got == want {
+            "bulk-ok"
+        } else {
+            "bulk-corrupt"
+        };
+        s.write_all(format!("{verdict} {}\n", got.len()).as_bytes())
+            .unwrap();
         got == want
     });
     let script = r#"

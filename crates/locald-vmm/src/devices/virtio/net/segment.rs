@@ -122,18 +122,15 @@ fn parse_tcp(frame: &[u8], want_v4: bool) -> Result<Layout, SegmentError> {
             }
             (false, ip + 40, ip + 40 + usize::from(be16(ip + 4)?))
         }
-        _ => {
-            return Err(SegmentError::NotTcp(if want_v4 {
-                "IPv4"
-            } else {
-                "IPv6"
-            }))
-        }
+        _ => return Err(SegmentError::NotTcp(if want_v4 { "IPv4" } else { "IPv6" })),
     };
     // The IP length must cover exactly the frame (Ethernet padding cannot
     // occur on a packet this large, and anything else is a lie).
     if ip_end != frame.len() {
-        return Err(SegmentError::IpLength(ip_end.saturating_sub(ip), frame.len()));
+        return Err(SegmentError::IpLength(
+            ip_end.saturating_sub(ip),
+            frame.len(),
+        ));
     }
     let doff = usize::from(*frame.get(tcp + 12).ok_or_else(short)? >> 4) * 4;
     if doff < 20 || tcp + doff > frame.len() {
@@ -279,7 +276,12 @@ mod tests {
     #[test]
     fn tso4_splits_into_checksummed_mss_segments() {
         let payload: Vec<u8> = (0..4000u32).map(|i| (i * 7 + 3) as u8).collect();
-        let p = v4_packet(&payload, 0x18 | TCP_FIN | TCP_CWR, GSO_TCPV4 | GSO_ECN, 1448);
+        let p = v4_packet(
+            &payload,
+            0x18 | TCP_FIN | TCP_CWR,
+            GSO_TCPV4 | GSO_ECN,
+            1448,
+        );
         let mut out = Vec::new();
         let n = complete(&p, |f| out.push(f.to_vec())).unwrap();
         assert_eq!(n, 3);
@@ -358,23 +360,35 @@ mod tests {
         // Claimed IPv6 on an IPv4 frame.
         let mut p = good.clone();
         p[1] = GSO_TCPV6;
-        assert!(matches!(complete(&p, &mut none), Err(SegmentError::NotTcp(_))));
+        assert!(matches!(
+            complete(&p, &mut none),
+            Err(SegmentError::NotTcp(_))
+        ));
         // UDP, not TCP.
         let mut p = good.clone();
         p[HDR_LEN + 14 + 9] = 17;
-        assert!(matches!(complete(&p, &mut none), Err(SegmentError::NotTcp(_))));
+        assert!(matches!(
+            complete(&p, &mut none),
+            Err(SegmentError::NotTcp(_))
+        ));
         // IP length larger than the frame, and smaller.
         for len in [9000u16, 100] {
             let mut p = good.clone();
             p[HDR_LEN + 16..HDR_LEN + 18].copy_from_slice(&len.to_be_bytes());
-            assert!(matches!(complete(&p, &mut none), Err(SegmentError::IpLength(..))));
+            assert!(matches!(
+                complete(&p, &mut none),
+                Err(SegmentError::IpLength(..))
+            ));
         }
         // TCP data offset past the end, IHL below 5, a fragment.
         let mut p = good.clone();
         p.truncate(HDR_LEN + 54 + 10);
         p[HDR_LEN + 16..HDR_LEN + 18].copy_from_slice(&50u16.to_be_bytes());
         p[HDR_LEN + 34 + 12] = 15 << 4;
-        assert!(matches!(complete(&p, &mut none), Err(SegmentError::Truncated(_))));
+        assert!(matches!(
+            complete(&p, &mut none),
+            Err(SegmentError::Truncated(_))
+        ));
         let mut p = good.clone();
         p[HDR_LEN + 14] = 0x44;
         assert!(complete(&p, &mut none).is_err());
@@ -384,7 +398,10 @@ mod tests {
         // UDP segmentation, a truncated packet, a checksum offset past the end.
         let mut p = good.clone();
         p[1] = 3;
-        assert!(matches!(complete(&p, &mut none), Err(SegmentError::GsoType(3))));
+        assert!(matches!(
+            complete(&p, &mut none),
+            Err(SegmentError::GsoType(3))
+        ));
         assert!(complete(&good[..20], &mut none).is_err());
         assert!(complete(&good[..5], &mut none).is_err());
         let mut p = v4_packet(b"x", 0x18, GSO_NONE, 0);
