@@ -360,13 +360,7 @@ impl Command {
         };
         let (status_r, status_w) = sys::pipe().map_err(|e| sys_err("pipe", e))?;
         let plan = ExecPlan::new(self, &child_ends, status_w.as_raw_fd());
-        // SAFETY: the child runs only `ExecPlan::exec` (async-signal-safe
-        // calls on memory prepared before the fork) and never returns.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: in the freshly forked child, see above.
-            unsafe { plan.exec() }
-        }
+        let pid = plan.spawn();
         drop(status_w);
         drop(child_ends);
         if pid < 0 {
@@ -494,6 +488,9 @@ struct ChildEnds {
 }
 
 /// Raw pointers for the child, built before the fork.
+/// Stack of the child between `clone` and `execve` (a few libc calls).
+const CHILD_STACK: usize = 64 * 1024;
+
 struct ExecPlan {
     path: *const libc::c_char,
     argv: Vec<*const libc::c_char>,
@@ -552,18 +549,54 @@ impl ExecPlan {
         }
     }
 
-    /// Body of the forked child: async-signal-safe calls only (no
-    /// allocation, no locks), then `execve`.
+    /// Starts the child running [`ExecPlan::exec`] and returns its pid (or
+    /// -1 with `errno` set).
+    ///
+    /// `clone(CLONE_VM | CLONE_VFORK)`, as glibc's `posix_spawn` does: the
+    /// child borrows our address space on its own stack until `execve`
+    /// (we are suspended meanwhile), so no page tables are copied and no
+    /// copy-on-write faults follow — a whole `fork` of this process saved,
+    /// which under an emulated guest kernel is a large part of a command's
+    /// start. The child only reads the plan, makes async-signal-safe system
+    /// calls and writes to the status pipe; its signal dispositions and
+    /// mask are its own (no `CLONE_SIGHAND`, no `CLONE_THREAD`).
+    fn spawn(&self) -> libc::pid_t {
+        extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+            // SAFETY: `arg` is the `&ExecPlan` passed below; the parent is
+            // suspended (CLONE_VFORK) until this execs or exits, so it is
+            // live. `exec` never returns.
+            unsafe { (*(arg as *const ExecPlan)).exec() }
+        }
+        let mut stack = vec![0u8; CHILD_STACK];
+        // The stack grows down from its (16-byte aligned) top.
+        let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+        // SAFETY: `child` runs on `stack`, which outlives it (we return
+        // only after the child has exec'd or exited); the argument is a
+        // valid pointer to `self` for as long.
+        unsafe {
+            libc::clone(
+                child,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                (self as *const ExecPlan).cast_mut().cast(),
+            )
+        }
+    }
+
+    /// Body of the child: async-signal-safe calls only (no allocation, no
+    /// locks, no writes to shared memory besides `errno`), then `execve`.
     ///
     /// # Safety
-    /// Only in the child right after `fork`; the pointers must be live.
+    /// Only in the child started by [`ExecPlan::spawn`]; the pointers must
+    /// be live.
     unsafe fn exec(&self) -> ! {
-        // SAFETY: each call gets valid arguments prepared before the fork.
+        // SAFETY: each call gets valid arguments prepared before the clone.
         unsafe {
-            libc::sigprocmask(libc::SIG_SETMASK, &self.empty_mask, std::ptr::null_mut());
-            // Ignored dispositions survive execve: give the command defaults.
+            // Ignored dispositions survive execve: give the command
+            // defaults (before unblocking anything).
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+            libc::sigprocmask(libc::SIG_SETMASK, &self.empty_mask, std::ptr::null_mut());
             if libc::setsid() < 0 {
                 self.fail(Stage::Session);
             }
