@@ -137,9 +137,12 @@ fn net_spec(c: &NetConfig) -> String {
             }
         }
     }
-    if let NetBackendConfig::User { publish } = &c.backend {
+    if let NetBackendConfig::User { publish, offload } = &c.backend {
         for (h, g) in publish {
             s += &format!(",publish={h}:{g}");
+        }
+        if *offload {
+            s += ",offload=on";
         }
     }
     s
@@ -153,7 +156,7 @@ fn check_net(spec: &str) -> Option<NetConfig> {
             assert!((1..=15).contains(&n.len()) && !n.contains(['/', ' ', '\0', ',']));
         }
         NetBackendConfig::Tap { name: None } => {}
-        NetBackendConfig::User { publish } => {
+        NetBackendConfig::User { publish, .. } => {
             assert!(publish.iter().all(|&(h, g)| h != 0 && g != 0));
         }
     }

@@ -113,7 +113,8 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     no_rng: bool,
     /// Attach a virtio network card: `user` (unprivileged, through passt;
-    /// `,publish=HOST_PORT:GUEST_PORT` maps host loopback TCP ports),
+    /// `,publish=HOST_PORT:GUEST_PORT` maps host loopback TCP ports;
+    /// `,offload=on` lets the guest send TSO packets that the VMM cuts up),
     /// `tap=NAME` (an existing TAP) or `tap` (create one; CAP_NET_ADMIN).
     /// Options: `,mac=XX:…`, `,ip=ADDR/PREFIX|dhcp|none`, `,gw=`, `,dns=`.
     /// The default guest brings eth0 up (DHCP unless ip= is given).

@@ -3,7 +3,9 @@
 //! otherwise the VM is stopped), and stops it by force if it has not ended
 //! within [`GRACE`]; a second signal stops it at once. The process then
 //! exits as usual (disks flushed, sockets and state removed) with status
-//! 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
+//! 128 + the signal's number (130 for SIGINT, 143 for SIGTERM); if that
+//! teardown is still not done [`FORCED_EXIT`] after the forced stop, the
+//! process exits anyway with the same status.
 //!
 //! The handler only writes the signal's number to a pipe (async-signal
 //! safe); a thread named `signals` reads the pipe and does the work. It is
@@ -22,6 +24,9 @@ use locald_vmm::VmStopper;
 
 /// How long the guest gets to power off after the first signal.
 pub(crate) const GRACE: Duration = Duration::from_secs(10);
+/// How long teardown may take once the VM was stopped by force before the
+/// process exits anyway: a signal must end the VMM, whatever it waits on.
+pub(crate) const FORCED_EXIT: Duration = Duration::from_secs(10);
 
 /// The first signal received (0: none).
 static RECEIVED: AtomicI32 = AtomicI32::new(0);
@@ -124,6 +129,7 @@ fn watch(pipe: OwnedFd) {
     let mut count = 0u32;
     let mut deadline: Option<Instant> = None;
     let mut forced = false;
+    let mut forced_at: Option<Instant> = None;
     loop {
         if let Some(sig) = next_signal(&pipe) {
             count += 1;
@@ -154,6 +160,7 @@ fn watch(pipe: OwnedFd) {
                     std::process::exit(i32::from(exit_code(RECEIVED.load(Ordering::SeqCst))));
                 }
                 force("second signal");
+                forced_at = Some(Instant::now());
             }
         }
         if !forced && deadline.is_some_and(|d| Instant::now() >= d) {
@@ -163,6 +170,14 @@ fn watch(pipe: OwnedFd) {
                 GRACE.as_secs()
             );
             force("grace period over");
+            forced_at = Some(Instant::now());
+        }
+        if forced_at.is_some_and(|t| t.elapsed() >= FORCED_EXIT) {
+            eprintln!(
+                "locald-vmm: still not done {}s after stopping the VM; exiting",
+                FORCED_EXIT.as_secs()
+            );
+            std::process::exit(i32::from(exit_code(RECEIVED.load(Ordering::SeqCst))));
         }
     }
 }

@@ -3,7 +3,9 @@
 //! cleanly through its agent (a file written, not synced, on a mounted
 //! ext4 disk is on the host image afterwards), that the process exits
 //! within the grace period, and that its state directory and sockets are
-//! gone. Skips only when /dev/kvm is absent, and says so loudly.
+//! gone. A second boot checks that a second signal ends `run` at once
+//! while a command's output is being relayed. Skips only when /dev/kvm is
+//! absent, and says so loudly.
 
 mod common;
 
@@ -104,4 +106,69 @@ fn sigterm_powers_a_named_vm_off_cleanly() {
     // A clean unmount leaves the file system clean.
     host("e2fsck", &["-n", "-f", data.to_str().unwrap()]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A second signal stops `run` at once, even while the command's streams
+/// are being relayed: the VM is stopped by force (no clean poweroff), and
+/// the relay must not keep the process alive. (It once did: the stopped
+/// VM's vsock device kept the agent connection open and the relay read
+/// from it forever.)
+#[test]
+fn second_sigterm_ends_run_at_once_mid_command() {
+    if !kvm_present() {
+        return;
+    }
+    let mut child = vmm()
+        .args(["run", "--agent-timeout", "600", "--timeout", "900", "--"])
+        .args(["sh", "-c", "echo started; exec sleep 1000"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    let pid = child.id() as i32;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // The command runs and its output is being relayed.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) if l == "started" => break,
+            _ if Instant::now() > deadline => {
+                let _ = child.kill();
+                panic!("the command never started");
+            }
+            _ => {}
+        }
+    }
+    // SAFETY: signals the VMM process we spawned, twice.
+    unsafe {
+        assert_eq!(libc::kill(pid, libc::SIGTERM), 0);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(libc::kill(pid, libc::SIGTERM), 0);
+    }
+    let sent = Instant::now();
+    // Under the signals thread's 10 s safety net (which exits the process
+    // whatever it waits on): the relay itself must end.
+    while !gone(pid) {
+        if sent.elapsed() > Duration::from_secs(8) {
+            let _ = child.kill();
+            panic!("VMM {pid} still running 8 s after the second SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("VMM ended {:?} after the second SIGTERM", sent.elapsed());
+    assert_eq!(out.status.code(), Some(143), "{stderr}");
+    assert!(stderr.contains("stopping the VM now"), "{stderr}");
 }

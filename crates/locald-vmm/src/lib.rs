@@ -411,7 +411,12 @@ impl VirtualMachine {
         let kind = self.seccomp.then_some(seccomp::ThreadKind::Main);
         let thread = seccomp::spawn("vm".into(), kind, move || {
             let r = self.run();
-            (r, self)
+            // Tear the devices down as soon as the guest is gone: the vsock
+            // device's host connections close, so a client still reading
+            // from one (an `exec` relay, a published port) sees the end
+            // instead of waiting forever; disks are flushed.
+            drop(self);
+            r
         })?;
         Ok(RunningVm {
             thread: Some(thread),
@@ -477,7 +482,7 @@ impl VirtualMachine {
     }
 }
 
-type VmThread = std::thread::JoinHandle<(Result<ExitStatus, Error>, VirtualMachine)>;
+type VmThread = std::thread::JoinHandle<Result<ExitStatus, Error>>;
 
 /// A VM running on a background thread (see [`VirtualMachine::spawn`]).
 /// Dropping it stops the VM at once.
@@ -571,7 +576,7 @@ impl RunningVm {
             return Err(Error::Run("the VM thread is gone".into()));
         };
         match t.join() {
-            Ok((r, _vm)) => r,
+            Ok(r) => r,
             Err(_) => Err(Error::Run("the VM thread panicked".into())),
         }
     }

@@ -11,8 +11,13 @@ pub enum NetBackendConfig {
     /// by us), or a new one (`None`, needs CAP_NET_ADMIN).
     Tap { name: Option<String> },
     /// User-mode networking through a `passt` process we spawn;
-    /// `publish` maps host loopback TCP ports to guest ports.
-    User { publish: Vec<(u16, u16)> },
+    /// `publish` maps host loopback TCP ports to guest ports; `offload`
+    /// offers the guest checksum/TSO offloads that the VMM completes in
+    /// software (opt-in, see docs/virtio-net.md).
+    User {
+        publish: Vec<(u16, u16)>,
+        offload: bool,
+    },
 }
 
 /// How the guest init configures `eth0`.
@@ -76,6 +81,7 @@ impl NetConfig {
             None if kind == "tap" => NetBackendConfig::Tap { name: None },
             None if kind == "user" => NetBackendConfig::User {
                 publish: Vec::new(),
+                offload: false,
             },
             Some(("tap", name)) => {
                 if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
@@ -125,7 +131,7 @@ impl NetConfig {
                 Some(("gw", v)) => gateway = Some(ip(v, "gw")?),
                 Some(("dns", v)) => dns = Some(ip(v, "dns")?),
                 Some(("publish", v)) => {
-                    let NetBackendConfig::User { publish } = &mut cfg.backend else {
+                    let NetBackendConfig::User { publish, .. } = &mut cfg.backend else {
                         return Err(bad(
                             "publish= needs 'user' (forward ports yourself with a TAP)".into(),
                         ));
@@ -141,9 +147,21 @@ impl NetConfig {
                         })?;
                     publish.push(pair);
                 }
+                Some(("offload", v)) => {
+                    let NetBackendConfig::User { offload, .. } = &mut cfg.backend else {
+                        return Err(bad(
+                            "offload= is for 'user' (a TAP always takes offloads)".into()
+                        ));
+                    };
+                    *offload = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad(format!("offload '{v}' must be on or off"))),
+                    };
+                }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option '{opt}' (use mac=, ip=, gw=, dns= or publish=)"
+                        "unknown option '{opt}' (use mac=, ip=, gw=, dns=, publish= or offload=)"
                     )))
                 }
             }
@@ -239,9 +257,18 @@ mod tests {
         assert_eq!(
             c.backend,
             NetBackendConfig::User {
-                publish: Vec::new()
+                publish: Vec::new(),
+                offload: false,
             }
         );
+        let c = NetConfig::parse("user,offload=on").unwrap();
+        assert!(matches!(
+            c.backend,
+            NetBackendConfig::User { offload: true, .. }
+        ));
+        for bad in ["user,offload=yes", "tap,offload=on"] {
+            assert!(NetConfig::parse(bad).is_err(), "{bad}");
+        }
         assert_eq!(c.guest, GuestNet::Dhcp);
         assert_eq!(c.mac[0] & 3, 2, "locally administered unicast");
         let c =
@@ -249,7 +276,8 @@ mod tests {
         assert_eq!(
             c.backend,
             NetBackendConfig::User {
-                publish: vec![(8080, 80), (2222, 22)]
+                publish: vec![(8080, 80), (2222, 22)],
+                offload: false,
             }
         );
         assert_eq!(c.mac, [2, 0, 0, 0, 0, 9]);

@@ -15,8 +15,8 @@
 //!
 //! Two queues (receive 0, transmit 1), no control queue, one queue pair.
 //! Offered: MAC, STATUS, MTU (1500), MRG_RXBUF; guest → host checksum/TSO
-//! offloads on both backends (TAP takes them in its vnet header, passt's
-//! are completed in software by [`segment`]); host → guest offloads only
+//! offloads on a TAP (in its vnet header) and, opt-in (`offload=on`), on
+//! passt (completed in software by [`segment`]); host → guest offloads only
 //! when the backend carries vnet headers (TAP).
 
 pub mod backend;
@@ -613,9 +613,10 @@ impl Net {
     pub fn from_config(cfg: &NetConfig) -> Result<Self, NetError> {
         let backend: Box<dyn NetBackend> = match &cfg.backend {
             NetBackendConfig::Tap { name } => Box::new(tap::Tap::open(name.as_deref())?),
-            NetBackendConfig::User { publish } => {
+            NetBackendConfig::User { publish, offload } => {
                 Box::new(passt::Passt::spawn(&passt::PasstOptions {
                     publish: publish.clone(),
+                    offload: *offload,
                     ..Default::default()
                 })?)
             }
