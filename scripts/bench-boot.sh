@@ -9,11 +9,14 @@
 #   LOCALD_VMM=path/to/locald-vmm   binary (default $CARGO_TARGET_DIR/release)
 #   BENCH_CPUS="1 2"                vCPU counts to compare
 #   BENCH_MEMORY=128M               guest memory
+#   BENCH_CMDLINE="..."             extra guest kernel command line (A/B tests)
 set -euo pipefail
 RUNS=${1:-3}
 BIN=${LOCALD_VMM:-${CARGO_TARGET_DIR:-target}/release/locald-vmm}
 CPUS=${BENCH_CPUS:-1 2}
 MEM=${BENCH_MEMORY:-128M}
+EXTRA=()
+[ -z "${BENCH_CMDLINE:-}" ] || EXTRA=(--cmdline "$BENCH_CMDLINE")
 [ -x "$BIN" ] || { echo "no locald-vmm at $BIN (cargo build --release -p locald-vmm-cli, or set LOCALD_VMM)" >&2; exit 1; }
 "$BIN" prepare >/dev/null
 tmp=$(mktemp -d)
@@ -22,7 +25,7 @@ median() { sort -g | awk '{v[NR]=$1} END{ if (NR==0) print "-"; else if (NR%2) p
 for i in $(seq "$RUNS"); do
   for c in $CPUS; do
     t0=$(date +%s.%N)
-    if ! LOCALD_VMM_LOG=info "$BIN" run --cpus "$c" --memory "$MEM" --timeout 300 -- true >"$tmp/out" 2>"$tmp/err"; then
+    if ! LOCALD_VMM_LOG=info "$BIN" run --cpus "$c" --memory "$MEM" --timeout 300 "${EXTRA[@]}" -- true >"$tmp/out" 2>"$tmp/err"; then
       echo "run $i, $c vCPU: failed:" >&2; cat "$tmp/err" >&2; exit 1
     fi
     t1=$(date +%s.%N)
