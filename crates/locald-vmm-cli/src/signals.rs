@@ -128,7 +128,7 @@ fn name(sig: i32) -> &'static str {
 fn watch(pipe: OwnedFd) {
     let mut count = 0u32;
     let mut deadline: Option<Instant> = None;
-    let mut forced = false;
+    // When the VM was stopped by force (None: not yet).
     let mut forced_at: Option<Instant> = None;
     loop {
         if let Some(sig) = next_signal(&pipe) {
@@ -149,42 +149,45 @@ fn watch(pipe: OwnedFd) {
                             t.request_shutdown();
                         });
                     if r.is_err() {
-                        force("cannot start the shutdown request");
+                        forced_at = Some(force("cannot start the shutdown request"));
                     }
                 }
-            } else if !forced {
-                forced = true;
+            } else if forced_at.is_none() {
                 eprintln!("locald-vmm: {}: stopping the VM now", name(sig));
                 if target().is_none() {
                     // Still setting up: nothing to tear down yet.
-                    std::process::exit(i32::from(exit_code(RECEIVED.load(Ordering::SeqCst))));
+                    exit_now();
                 }
-                force("second signal");
-                forced_at = Some(Instant::now());
+                forced_at = Some(force("second signal"));
             }
         }
-        if !forced && deadline.is_some_and(|d| Instant::now() >= d) {
-            forced = true;
+        if forced_at.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
             eprintln!(
                 "locald-vmm: the guest did not power off within {}s; stopping it",
                 GRACE.as_secs()
             );
-            force("grace period over");
-            forced_at = Some(Instant::now());
+            forced_at = Some(force("grace period over"));
         }
         if forced_at.is_some_and(|t| t.elapsed() >= FORCED_EXIT) {
             eprintln!(
                 "locald-vmm: still not done {}s after stopping the VM; exiting",
                 FORCED_EXIT.as_secs()
             );
-            std::process::exit(i32::from(exit_code(RECEIVED.load(Ordering::SeqCst))));
+            exit_now();
         }
     }
 }
 
-fn force(why: &str) {
+/// Stops the VM by force; returns when, for the [`FORCED_EXIT`] deadline.
+fn force(why: &str) -> Instant {
     tracing::info!("stopping the VM by force: {why}");
     if let Some(t) = target() {
         t.force_stop();
     }
+    Instant::now()
+}
+
+/// Ends the process now with the status of the first signal.
+fn exit_now() -> ! {
+    std::process::exit(i32::from(exit_code(RECEIVED.load(Ordering::SeqCst))))
 }
