@@ -40,7 +40,9 @@ enum Command {
     /// that the command could not be executed / was not found.
     Run(Box<RunArgs>),
     /// Build (or find in the cache) the default guest kernel and initramfs,
-    /// and print where they are. `run` does this on first use anyway.
+    /// and print where they are (and the default guest's command line on a
+    /// software KVM, without device entries). `run` does this on first use
+    /// anyway.
     Prepare,
     /// Build an ext4 root-filesystem image for `run --rootfs` from a
     /// directory (with mkfs.ext4 -d; no root needed). The default guest's
@@ -419,6 +421,12 @@ fn prepare() -> anyhow::Result<()> {
     let initramfs = locald_vmm::assets::default_initramfs()?;
     println!("kernel:    {}", kernel.vmlinux.display());
     println!("initramfs: {}", initramfs.display());
+    println!(
+        "cmdline (software KVM): {} {} {}",
+        locald_vmm::BASE_CMDLINE,
+        locald_vmm::DEFAULT_GUEST_CMDLINE,
+        locald_vmm::compat_cmdline("")
+    );
     Ok(())
 }
 
