@@ -18,8 +18,10 @@ fn vmm() -> Command {
 }
 
 /// One boot: output, exit status propagation, vCPU count, memory size,
-/// PID 1, the kernel we built, and the command-line arguments arriving
-/// intact (spaces, quotes, empty strings, non-ASCII).
+/// PID 1, the kernel we built, the command-line arguments arriving
+/// intact (spaces, quotes, empty strings, non-ASCII), the software-KVM boot
+/// options in effect only on such a host, and a kernel log free of
+/// BUG/WARNING/bad-page reports.
 #[test]
 fn default_guest_runs_commands() {
     if !kvm_present() {
@@ -31,6 +33,10 @@ fn default_guest_runs_commands() {
         grep MemTotal /proc/meminfo
         echo "pid1=$(cat /proc/1/comm)"
         echo "kernel=$(uname -r)"
+        for d in /sys/module /sys/kernel/slab /sys/kernel/irq; do
+            if [ -d $d ]; then echo "dir $d=yes"; else echo "dir $d=no"; fi
+        done
+        echo "kernel problems=$(dmesg | grep -c -E 'BUG|WARNING|Bad page|Oops|Call Trace')"
         printf 'arg:[%s]\n' "$@"
         echo "stderr line" >&2
         exit 7
@@ -86,6 +92,27 @@ fn default_guest_runs_commands() {
     assert!(
         stdout.contains("kernel=6.1"),
         "the default 6.1 kernel booted"
+    );
+    // The software-KVM boot options (kernel patches 0003, 0007) took
+    // effect there and only there, and no patch made the kernel complain.
+    let compat = stderr.contains("applying the CPU compatibility path");
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(compat, "a kvm_pvm host gets the compatibility path");
+    }
+    let trimmed = if compat { "no" } else { "yes" };
+    assert!(
+        stdout.contains("dir /sys/module=yes"),
+        "/sys/module is kept"
+    );
+    for dir in ["/sys/kernel/slab", "/sys/kernel/irq"] {
+        assert!(
+            stdout.contains(&format!("dir {dir}={trimmed}")),
+            "{dir} present only without the compatibility path"
+        );
+    }
+    assert!(
+        stdout.contains("kernel problems=0"),
+        "no BUG/WARNING/bad page in the guest's kernel log"
     );
     for arg in [
         "arg:[two words]",
