@@ -422,10 +422,8 @@ fn prepare() -> anyhow::Result<()> {
     println!("kernel:    {}", kernel.vmlinux.display());
     println!("initramfs: {}", initramfs.display());
     println!(
-        "cmdline (software KVM): {} {} {}",
-        locald_vmm::BASE_CMDLINE,
-        locald_vmm::DEFAULT_GUEST_CMDLINE,
-        locald_vmm::compat_cmdline("")
+        "cmdline (software KVM): {}",
+        locald_vmm::guest_cmdline(true, Some(""))
     );
     Ok(())
 }

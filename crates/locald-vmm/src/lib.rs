@@ -79,6 +79,23 @@ pub fn compat_cmdline(keep: &str) -> String {
     }
 }
 
+/// The VMM's part of the kernel command line (before device entries and
+/// the user's `--cmdline`): [`BASE_CMDLINE`], [`DEFAULT_GUEST_CMDLINE`] for
+/// the default kernel, and on a software KVM the compatibility switches
+/// (`compat_keep` as for [`compat_cmdline`]).
+pub fn guest_cmdline(default_kernel: bool, compat_keep: Option<&str>) -> String {
+    let mut cmdline = BASE_CMDLINE.to_string();
+    if default_kernel {
+        cmdline.push(' ');
+        cmdline.push_str(DEFAULT_GUEST_CMDLINE);
+    }
+    if let Some(keep) = compat_keep {
+        cmdline.push(' ');
+        cmdline.push_str(&compat_cmdline(keep));
+    }
+    cmdline
+}
+
 /// Guest name of the `index`th virtio disk: `vda`, `vdb`, … `vdz`, `vdaa`.
 pub fn disk_name(index: usize) -> String {
     let mut suffix = Vec::new();
@@ -325,15 +342,7 @@ impl VirtualMachine {
                 shares: guest_shares,
             }));
         }
-        let mut cmdline = BASE_CMDLINE.to_string();
-        if default_kernel {
-            cmdline.push(' ');
-            cmdline.push_str(DEFAULT_GUEST_CMDLINE);
-        }
-        if compat {
-            cmdline.push(' ');
-            cmdline.push_str(&compat_cmdline(&compat_keep));
-        }
+        let cmdline = guest_cmdline(default_kernel, compat.then_some(compat_keep.as_str()));
         let spec = kvm::BootSpec {
             kernel,
             initrd,

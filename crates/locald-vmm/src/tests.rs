@@ -17,6 +17,24 @@ fn compat_cmdline_clears_features_unless_kept() {
 }
 
 #[test]
+fn guest_cmdline_adds_default_guest_and_compat_parts() {
+    assert_eq!(guest_cmdline(false, None), BASE_CMDLINE);
+    assert_eq!(
+        guest_cmdline(true, None),
+        format!("{BASE_CMDLINE} {DEFAULT_GUEST_CMDLINE}")
+    );
+    assert_eq!(
+        guest_cmdline(false, Some("popcnt")),
+        format!("{BASE_CMDLINE} {}", compat_cmdline("popcnt"))
+    );
+    let full = guest_cmdline(true, Some(""));
+    assert!(
+        full.ends_with(" lean_sysfs=on alt_nop_opt=off init_poison=off initramfs_early=on"),
+        "{full}"
+    );
+}
+
+#[test]
 fn disk_names_follow_linux() {
     let names: Vec<String> = [0, 1, 25, 26, 27, 51, 52, 701, 702]
         .into_iter()
