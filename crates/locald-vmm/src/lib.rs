@@ -60,7 +60,7 @@ pub const COMPAT_CLEARCPUID: &[&str] = &["erms", "fsrm", "smap", "smep", "popcnt
 
 /// The rest of the software-KVM command line (see docs/software-kvm.md).
 pub const COMPAT_CMDLINE: &str =
-    "tsc=reliable no_timer_check noreplace-smp random.trust_cpu=on rodata=off percpu_alloc=page slab_sysfs=off fault_around_bytes=4096 lean_sysfs=on alt_nop_opt=off init_poison=off initramfs_early=on";
+    "tsc=reliable no_timer_check noreplace-smp random.trust_cpu=on rodata=off percpu_alloc=page slab_sysfs=off fault_around_bytes=4096 lean_sysfs=on alt_nop_opt=off init_poison=off initramfs_early=on boot_page_checks=off";
 
 /// The software-KVM command line, leaving visible the features named in
 /// `keep` (comma-separated; `LOCALD_VMM_COMPAT_KEEP`, a debug aid that

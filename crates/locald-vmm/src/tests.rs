@@ -29,7 +29,7 @@ fn guest_cmdline_adds_default_guest_and_compat_parts() {
     );
     let full = guest_cmdline(true, Some(""));
     assert!(
-        full.ends_with(" lean_sysfs=on alt_nop_opt=off init_poison=off initramfs_early=on"),
+        full.ends_with(" lean_sysfs=on alt_nop_opt=off init_poison=off initramfs_early=on boot_page_checks=off"),
         "{full}"
     );
 }
