@@ -58,9 +58,16 @@ pub const DEFAULT_GUEST_CMDLINE: &str = "quiet";
 /// values the VMM sets. See docs/software-kvm.md.
 pub const COMPAT_CLEARCPUID: &[&str] = &["erms", "fsrm", "smap", "smep", "popcnt", "xsave", "cx16"];
 
-/// The rest of the software-KVM command line (see docs/software-kvm.md).
+/// The rest of the software-KVM command line: upstream switches, for any
+/// kernel (see docs/software-kvm.md).
 pub const COMPAT_CMDLINE: &str =
-    "tsc=reliable no_timer_check noreplace-smp random.trust_cpu=on rodata=off percpu_alloc=page slab_sysfs=off fault_around_bytes=4096 lean_sysfs=on alt_nop_opt=off init_poison=off initramfs_early=on boot_page_checks=off";
+    "tsc=reliable no_timer_check noreplace-smp random.trust_cpu=on rodata=off percpu_alloc=page";
+
+/// Software-KVM switches that exist only in the default kernel (boot
+/// options added by our patches in guest/kernel/patches). Not given to
+/// other kernels, which would pass unknown `key=value` words to their init
+/// as environment variables.
+pub const COMPAT_DEFAULT_KERNEL_CMDLINE: &str = "slab_sysfs=off fault_around_bytes=4096 lean_sysfs=on alt_nop_opt=off init_poison=off initramfs_early=on boot_page_checks=off";
 
 /// The software-KVM command line, leaving visible the features named in
 /// `keep` (comma-separated; `LOCALD_VMM_COMPAT_KEEP`, a debug aid that
@@ -82,7 +89,8 @@ pub fn compat_cmdline(keep: &str) -> String {
 /// The VMM's part of the kernel command line (before device entries and
 /// the user's `--cmdline`): [`BASE_CMDLINE`], [`DEFAULT_GUEST_CMDLINE`] for
 /// the default kernel, and on a software KVM the compatibility switches
-/// (`compat_keep` as for [`compat_cmdline`]).
+/// (`compat_keep` as for [`compat_cmdline`]; plus
+/// [`COMPAT_DEFAULT_KERNEL_CMDLINE`] for the default kernel).
 pub fn guest_cmdline(default_kernel: bool, compat_keep: Option<&str>) -> String {
     let mut cmdline = BASE_CMDLINE.to_string();
     if default_kernel {
@@ -92,6 +100,10 @@ pub fn guest_cmdline(default_kernel: bool, compat_keep: Option<&str>) -> String 
     if let Some(keep) = compat_keep {
         cmdline.push(' ');
         cmdline.push_str(&compat_cmdline(keep));
+        if default_kernel {
+            cmdline.push(' ');
+            cmdline.push_str(COMPAT_DEFAULT_KERNEL_CMDLINE);
+        }
     }
     cmdline
 }

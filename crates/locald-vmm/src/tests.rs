@@ -23,15 +23,21 @@ fn guest_cmdline_adds_default_guest_and_compat_parts() {
         guest_cmdline(true, None),
         format!("{BASE_CMDLINE} {DEFAULT_GUEST_CMDLINE}")
     );
+    // Another kernel gets only the upstream switches.
     assert_eq!(
         guest_cmdline(false, Some("popcnt")),
         format!("{BASE_CMDLINE} {}", compat_cmdline("popcnt"))
     );
-    let full = guest_cmdline(true, Some(""));
-    assert!(
-        full.ends_with(" lean_sysfs=on alt_nop_opt=off init_poison=off initramfs_early=on boot_page_checks=off"),
-        "{full}"
+    assert!(!guest_cmdline(false, Some("")).contains("lean_sysfs"));
+    // The default kernel also gets its patches' boot options.
+    assert_eq!(
+        guest_cmdline(true, Some("")),
+        format!(
+            "{BASE_CMDLINE} {DEFAULT_GUEST_CMDLINE} {} {COMPAT_DEFAULT_KERNEL_CMDLINE}",
+            compat_cmdline("")
+        )
     );
+    assert!(COMPAT_DEFAULT_KERNEL_CMDLINE.contains("initramfs_early=on"));
 }
 
 #[test]
