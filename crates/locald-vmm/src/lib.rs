@@ -17,6 +17,7 @@ pub mod console;
 pub mod cpio;
 pub mod devices;
 pub mod error;
+pub mod hostdir;
 pub mod instance;
 #[cfg(target_os = "linux")]
 pub mod kvm;
@@ -203,11 +204,7 @@ impl RuntimeDir {
     fn new() -> Result<Self, Error> {
         use std::os::unix::fs::DirBuilderExt;
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let base = runtime_base();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&base)?;
+        let base = hostdir::ensure_private_dir(&runtime_base())?;
         sweep_stale_runtime_dirs(&base);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = base.join(format!("vm-{}-{n}", std::process::id()));
@@ -253,13 +250,13 @@ impl Drop for RuntimeDir {
 }
 
 /// Where per-VM sockets live: `$XDG_RUNTIME_DIR/locald-vmm`, else
-/// `/tmp/locald-vmm-<uid>`. Kept short: Unix socket paths are limited to
-/// 107 bytes.
+/// `<tmp>/locald-vmm-<euid>` (`<tmp>` is `$TMPDIR` or `/tmp`). Kept short:
+/// Unix socket paths are limited to 107 bytes. Only the path: use it
+/// through [`hostdir::runtime_dir`], which checks every level of it.
 pub fn runtime_base() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("locald-vmm"),
-        // SAFETY: getuid has no preconditions and cannot fail.
-        _ => PathBuf::from(format!("/tmp/locald-vmm-{}", unsafe { libc::getuid() })),
+        _ => std::env::temp_dir().join(format!("locald-vmm-{}", hostdir::euid())),
     }
 }
 

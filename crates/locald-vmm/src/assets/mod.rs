@@ -120,6 +120,9 @@ pub enum AssetError {
         /// What was wrong.
         detail: String,
     },
+    /// The cache directory could be controlled by another user.
+    #[error("asset cache: {0}")]
+    Untrusted(#[from] crate::hostdir::HostDirError),
     /// An archive entry was rejected.
     #[error("building {archive}: {source}")]
     Cpio {
@@ -157,6 +160,15 @@ pub fn kernel_inputs() -> &'static [(&'static str, &'static [u8])] {
 /// are ignored, as is a relative `XDG_CACHE_HOME` (per the XDG spec).
 pub fn cache_dir() -> PathBuf {
     cache_dir_from(|k| std::env::var_os(k))
+}
+
+/// [`cache_dir`], checked and created: every level `lstat`ed, the
+/// directory itself owned by us and not writable by others, missing levels
+/// made one at a time with mode 0700 (see [`crate::hostdir`]). The kernel
+/// build script runs from it and the kernel boots from it, so another user
+/// must not be able to plant either (the `<tmp>` fallback especially).
+pub fn trusted_cache_dir() -> Result<PathBuf, AssetError> {
+    Ok(crate::hostdir::ensure_private_dir(&cache_dir())?)
 }
 
 /// [`cache_dir`] with an injectable environment lookup.
@@ -362,7 +374,7 @@ pub fn default_kernel_key() -> String {
 /// minutes; the build script's output is shown on stderr). See the module
 /// docs for the cache layout.
 pub fn default_kernel() -> Result<DefaultKernel, AssetError> {
-    kernel_in(&cache_dir(), KERNEL_INPUTS)
+    kernel_in(&trusted_cache_dir()?, KERNEL_INPUTS)
 }
 
 fn kernel_paths(dir: &Path) -> DefaultKernel {
@@ -463,7 +475,7 @@ fn kernel_in(cache: &Path, inputs: &[(&str, &[u8])]) -> Result<DefaultKernel, As
 /// fetched with `apt-get download` + `dpkg -x` (needs `apt-get update` to
 /// have run once).
 pub fn busybox() -> Result<PathBuf, AssetError> {
-    busybox_in(&cache_dir(), Path::new(HOST_BUSYBOX))
+    busybox_in(&trusted_cache_dir()?, Path::new(HOST_BUSYBOX))
 }
 
 fn is_static_file(p: &Path) -> bool {
@@ -584,7 +596,7 @@ pub fn initramfs_hash(init: &[u8], busybox: &[u8]) -> String {
 /// directories, `/dev/console`, `/dev/null` and a
 /// minimal `/etc/passwd` and `/etc/group`.
 pub fn default_initramfs() -> Result<PathBuf, AssetError> {
-    let cache = cache_dir();
+    let cache = trusted_cache_dir()?;
     let bb = busybox_in(&cache, Path::new(HOST_BUSYBOX))?;
     initramfs_in(&cache, INIT_BINARY, &bb)
 }
