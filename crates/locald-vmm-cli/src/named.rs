@@ -50,7 +50,8 @@ pub(crate) struct StopArgs {
     /// The VM.
     name: String,
     /// Seconds to wait for a clean poweroff before stopping it by force.
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(..=instance::MAX_STOP_TIMEOUT_SECS))]
     timeout: u64,
 }
 
@@ -238,12 +239,10 @@ pub(crate) fn serve(args: StartArgs) -> anyhow::Result<u8> {
     result
 }
 
-fn redirect(fd: i32, path: &Path) -> std::io::Result<()> {
+/// Points standard descriptor `fd` at `f` (the VM's console.log, opened
+/// with `O_NOFOLLOW`).
+fn redirect(fd: i32, f: &std::fs::File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
     // SAFETY: dup2 onto a standard descriptor we own; `f` stays valid for the call.
     if unsafe { libc::dup2(f.as_raw_fd(), fd) } < 0 {
         return Err(std::io::Error::last_os_error());
@@ -275,10 +274,12 @@ impl ControlTarget for Served {
 }
 
 fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
-    let dir = instance::create_dir(&args.name)?;
-    let _lock = instance::hold_lock(&dir).context("locking the VM's state directory")?;
+    // Checked, created already locked (a `ps` meanwhile sees it starting).
+    let claimed = instance::create_dir(&args.name)?;
+    let dir = claimed.dir.clone();
     let cleanup = DirGuard(dir.clone());
-    redirect(2, &dir.join("console.log")).context("opening console.log")?;
+    let log = instance::open_console_log(&dir, true)?;
+    redirect(2, &log).context("redirecting stderr to console.log")?;
     init_logging(args.run.verbose);
     let maps: Vec<PortMap> = args
         .run
@@ -291,7 +292,7 @@ fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
     cfg.agent = true;
     cfg.agent_timeout = Duration::from_secs(args.run.agent_timeout);
     cfg.console = ConsoleConfig::Stderr;
-    let uds = instance::vsock_path(&args.name);
+    let uds = dir.join("vsock.sock");
     cfg.vsock = Some(config::VsockConfig {
         guest_cid: 3,
         uds_path: uds.clone(),
@@ -304,7 +305,7 @@ fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
     }
     vm.wait_ready()?;
     let pubs = publishers(&uds, &args.run.publish)?;
-    let listener = std::os::unix::net::UnixListener::bind(instance::control_path(&args.name))
+    let listener = std::os::unix::net::UnixListener::bind(dir.join("control.sock"))
         .context("binding the control socket")?;
     let mut served = Served {
         vm: Some(vm),
@@ -323,14 +324,16 @@ fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
     };
     println!("ok");
     std::io::stdout().flush()?;
-    redirect(1, &dir.join("console.log"))?;
+    redirect(1, &log)?;
     instance::serve_control(&listener, &mut served)?;
     drop(pubs);
     // The guest ended on its own (or was stopped): reap the VM thread.
     if let Some(vm) = served.vm.take() {
         let _ = vm.stop(STOP_GRACE);
     }
+    // Removed while its lock is still held.
     drop(cleanup);
+    drop(claimed);
     Ok(signals::received().map_or(0, signals::exit_code))
 }
 
@@ -347,7 +350,9 @@ impl Drop for DirGuard {
 pub(crate) fn exec(args: ExecArgs) -> anyhow::Result<u8> {
     instance::check_name(&args.name)?;
     // Asking for info first turns a missing or crashed VM into a clear error.
-    let info = instance::info(&args.name)?;
+    instance::info(&args.name)?;
+    // The socket in the checked state directory, not a path the VM reports.
+    let vsock = instance::checked_vsock_path(&args.name)?;
     let req = request(
         &args.command,
         parse_env(&args.env)?,
@@ -355,7 +360,7 @@ pub(crate) fn exec(args: ExecArgs) -> anyhow::Result<u8> {
         args.tty,
     );
     exec_with_stdio(
-        |io| Ok(locald_vmm::agent::exec(&info.vsock, req, io, |_| {})?),
+        |io| Ok(locald_vmm::agent::exec(&vsock, req, io, |_| {})?),
         args.tty,
     )
 }
@@ -376,7 +381,7 @@ pub(crate) fn ps() -> anyhow::Result<()> {
         "{:<20} {:>8} {:>4} {:>8} {:>8}  PUBLISH",
         "NAME", "PID", "CPUS", "MEMORY", "UPTIME"
     );
-    for (name, info) in instance::list() {
+    for (name, info) in instance::list()? {
         match info {
             Ok(i) => {
                 let publish: Vec<String> =
@@ -389,6 +394,12 @@ pub(crate) fn ps() -> anyhow::Result<()> {
                     i.memory_mib,
                     now.saturating_sub(i.started_at),
                     publish.join(",")
+                );
+            }
+            Err(instance::InstanceError::Busy(_)) => {
+                println!(
+                    "{name:<20} {:>8} {:>4} {:>8} {:>8}  (starting)",
+                    "-", "-", "-", "-"
                 );
             }
             Err(e) => eprintln!("locald-vmm: {e}"),

@@ -2,24 +2,33 @@
 //! spoken on each VM's control socket (JSON lines over a Unix socket,
 //! versioned; see docs/control-protocol.md).
 //!
-//! A named VM lives in `<runtime base>/<name>/`: `control.sock` (served
-//! by the process that runs the VM), `vsock.sock` (its vsock device's
-//! hybrid socket, through which commands run), and `console.log`. The
-//! server side ([`serve_control`]) runs on a thread of that process; the
-//! client functions ([`info`], [`stop`], [`list`]) run on the caller's
-//! thread.
+//! A named VM lives in `<runtime base>/vms/<name>/`: `control.sock`
+//! (served by the process that runs the VM), `vsock.sock` (its vsock
+//! device's hybrid socket, through which commands run), `console.log`, and
+//! `lock` (held by that process for its whole life). Every level of that
+//! path is checked before use ([`crate::hostdir`]): another user's or a
+//! world-writable directory, or a symlink, is refused. The server side
+//! ([`serve_control`]) runs on a thread of that process; the client
+//! functions ([`info`], [`stop`], [`list`]) run on the caller's thread.
 
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::hostdir::{self, Create, HostDirError};
+
 /// Version of the control protocol.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest request line the server reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// Longest `stop` grace period (100 years, as `run --timeout`).
+pub const MAX_STOP_TIMEOUT_SECS: u64 = 100 * 365 * 86_400;
 
 /// Errors about named VMs.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +43,14 @@ pub enum InstanceError {
     Exists(String),
     #[error("VM '{0}' is not running: its VMM is gone (stale state cleaned up)")]
     Stale(String),
+    #[error("VM '{0}' is not ready: it is still starting (or stopping); try again shortly")]
+    Busy(String),
+    #[error("stop timeout {0} s is too large (at most {MAX_STOP_TIMEOUT_SECS} s, 100 years)")]
+    Timeout(u64),
+    #[error(transparent)]
+    Untrusted(#[from] HostDirError),
+    #[error("state directory of VM '{name}': {err}")]
+    State { name: String, err: io::Error },
     #[error("control socket of VM '{name}': {err}")]
     Io { name: String, err: io::Error },
     #[error("VM '{name}' answered: {message}")]
@@ -55,9 +72,40 @@ pub fn check_name(name: &str) -> Result<(), InstanceError> {
     }
 }
 
-/// The state directory of VM `name`.
+/// The state directory of VM `name` (the path only, for messages: use
+/// [`checked_dir`] to reach it).
 pub fn dir(name: &str) -> PathBuf {
     crate::runtime_base().join("vms").join(name)
+}
+
+/// `<runtime base>/vms`, checked; created (mode 0700) when `create`.
+fn vms_dir(create: bool) -> Result<Option<PathBuf>, InstanceError> {
+    let Some(base) = hostdir::runtime_dir(create)? else {
+        return Ok(None);
+    };
+    let vms = base.join("vms");
+    Ok(if create {
+        Some(hostdir::ensure_private_dir(&vms)?)
+    } else {
+        hostdir::check_private_dir(&vms)?
+    })
+}
+
+/// The state directory of VM `name` after checking every level of it
+/// (ours, private, no symlinks); `None` if there is none.
+pub fn checked_dir(name: &str) -> Result<Option<PathBuf>, InstanceError> {
+    check_name(name)?;
+    let Some(vms) = vms_dir(false)? else {
+        return Ok(None);
+    };
+    Ok(hostdir::check_private_dir(&vms.join(name))?)
+}
+
+/// The vsock socket of VM `name`, in its checked state directory (what
+/// `exec` connects to, whatever path the VM reports).
+pub fn checked_vsock_path(name: &str) -> Result<PathBuf, InstanceError> {
+    let d = checked_dir(name)?.ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+    Ok(d.join("vsock.sock"))
 }
 
 /// Paths inside a VM's state directory.
@@ -129,11 +177,15 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 
 /// One request/response exchange with VM `name`.
 pub fn call(name: &str, req: &Request) -> Result<Response, InstanceError> {
-    check_name(name)?;
-    let path = control_path(name);
-    if !dir(name).exists() {
-        return Err(InstanceError::NotFound(name.to_string()));
-    }
+    let timeout = match req {
+        Request::Stop { timeout_secs } if *timeout_secs > MAX_STOP_TIMEOUT_SECS => {
+            return Err(InstanceError::Timeout(*timeout_secs));
+        }
+        Request::Stop { timeout_secs } => Duration::from_secs(timeout_secs + 30),
+        Request::Info => Duration::from_secs(10),
+    };
+    let d = checked_dir(name)?.ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+    let path = d.join("control.sock");
     let io_err = |err| InstanceError::Io {
         name: name.to_string(),
         err,
@@ -146,15 +198,11 @@ pub fn call(name: &str, req: &Request) -> Result<Response, InstanceError> {
                 io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
             ) =>
         {
-            // Nobody serves it: a VMM that crashed left its directory.
-            let _ = std::fs::remove_dir_all(dir(name));
-            return Err(InstanceError::Stale(name.to_string()));
+            // Nobody serves it: a VM still starting, or one whose VMM
+            // crashed and left its directory.
+            return Err(remove_if_stale(name, &d));
         }
         Err(e) => return Err(io_err(e)),
-    };
-    let timeout = match req {
-        Request::Stop { timeout_secs } => Duration::from_secs(timeout_secs + 30),
-        Request::Info => Duration::from_secs(10),
     };
     s.set_read_timeout(Some(timeout)).map_err(io_err)?;
     let mut line = serde_json::to_string(req).map_err(|e| io_err(io::Error::other(e)))?;
@@ -185,6 +233,9 @@ pub fn info(name: &str) -> Result<Info, InstanceError> {
 
 /// Stops VM `name` (clean poweroff, forced after `timeout`).
 pub fn stop(name: &str, timeout: Duration) -> Result<String, InstanceError> {
+    if timeout.as_secs() > MAX_STOP_TIMEOUT_SECS {
+        return Err(InstanceError::Timeout(timeout.as_secs()));
+    }
     match call(
         name,
         &Request::Stop {
@@ -208,10 +259,13 @@ pub fn stop(name: &str, timeout: Duration) -> Result<String, InstanceError> {
 }
 
 /// Every named VM: its info, or the error asking for it (stale VMs are
-/// cleaned up and reported as such).
-pub fn list() -> Vec<(String, Result<Info, InstanceError>)> {
-    let base = crate::runtime_base().join("vms");
-    let mut names: Vec<String> = std::fs::read_dir(&base)
+/// cleaned up and reported as such, starting ones as [`InstanceError::Busy`]).
+/// Fails only when the runtime directory cannot be trusted.
+pub fn list() -> Result<Vec<(String, Result<Info, InstanceError>)>, InstanceError> {
+    let Some(vms) = vms_dir(false)? else {
+        return Ok(Vec::new());
+    };
+    let mut names: Vec<String> = std::fs::read_dir(&vms)
         .map(|rd| {
             rd.filter_map(Result::ok)
                 .filter_map(|e| e.file_name().into_string().ok())
@@ -220,66 +274,141 @@ pub fn list() -> Vec<(String, Result<Info, InstanceError>)> {
         })
         .unwrap_or_default();
     names.sort();
-    names
+    Ok(names
         .into_iter()
         .map(|n| {
             let r = info(&n);
             (n, r)
         })
-        .collect()
+        .collect())
 }
 
-/// Creates the state directory of a new VM `name`: fails if a live VM
-/// has it, cleans it up if stale.
-pub fn create_dir(name: &str) -> Result<PathBuf, InstanceError> {
-    use std::os::unix::fs::DirBuilderExt;
+/// A new VM's state directory, claimed: its `lock` is held for as long as
+/// this lives (the VM's whole life).
+#[derive(Debug)]
+pub struct Claimed {
+    /// The state directory (checked, ours).
+    pub dir: PathBuf,
+    /// The held lock file.
+    pub lock: File,
+}
+
+fn state_err(name: &str) -> impl FnOnce(io::Error) -> InstanceError + use<'_> {
+    move |err| InstanceError::State {
+        name: name.to_string(),
+        err,
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: whether we got it.
+fn try_lock(f: &File) -> bool {
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Called when nobody serves `d/control.sock`. A VM that is still starting
+/// holds `d/lock`: it is left alone ([`InstanceError::Busy`]). Otherwise
+/// the VMM is gone: we take the lock ourselves, check `d` is still the
+/// directory we locked, move it aside and remove it
+/// ([`InstanceError::Stale`]). Taking the lock first means two cleaners,
+/// or a cleaner and a `start` that replaced the directory, never remove a
+/// live VM's state.
+fn remove_if_stale(name: &str, d: &Path) -> InstanceError {
+    let lock_path = d.join("lock");
+    let lock = match hostdir::open_nofollow(&lock_path, Create::IfMissing) {
+        Ok(f) => f,
+        Err(HostDirError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return InstanceError::NotFound(name.to_string());
+        }
+        Err(e) => return e.into(),
+    };
+    if !try_lock(&lock) {
+        return InstanceError::Busy(name.to_string());
+    }
+    let same = match (lock.metadata(), std::fs::symlink_metadata(&lock_path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    if !same {
+        // Replaced since we opened it: a new VM is starting there.
+        return InstanceError::Busy(name.to_string());
+    }
+    let grave = d.with_file_name(format!(".stale-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&grave);
+    if std::fs::rename(d, &grave).is_ok() {
+        let _ = std::fs::remove_dir_all(&grave);
+    }
+    InstanceError::Stale(name.to_string())
+}
+
+/// `rename(from, to)` that fails if `to` exists (`RENAME_NOREPLACE`).
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both paths are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Claims the state directory of a new VM `name`: fails if a live (or
+/// starting) VM has it, cleans it up if stale. The directory appears
+/// already locked: it is made as `vms/.new-<name>-<pid>` (mode 0700), its
+/// `lock` created (`O_EXCL|O_NOFOLLOW`) and taken, then renamed into place
+/// without replacing anything, so no other command ever sees it unlocked.
+pub fn create_dir(name: &str) -> Result<Claimed, InstanceError> {
     check_name(name)?;
-    let d = dir(name);
-    if d.exists() {
-        match UnixStream::connect(control_path(name)) {
-            Ok(_) => return Err(InstanceError::Exists(name.to_string())),
-            Err(_) => {
-                // Either stale, or a VM still starting: a starting VM holds
-                // the lock file below.
-                if lock_held(&d) {
-                    return Err(InstanceError::Exists(name.to_string()));
-                }
-                let _ = std::fs::remove_dir_all(&d);
-            }
+    let vms = vms_dir(true)?.ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+    let d = vms.join(name);
+    if let Some(d) = hostdir::check_private_dir(&d)? {
+        if UnixStream::connect(d.join("control.sock")).is_ok() {
+            return Err(InstanceError::Exists(name.to_string()));
+        }
+        match remove_if_stale(name, &d) {
+            InstanceError::Stale(_) | InstanceError::NotFound(_) => {}
+            InstanceError::Busy(_) => return Err(InstanceError::Exists(name.to_string())),
+            e => return Err(e),
         }
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&d)
-        .map_err(|err| InstanceError::Io {
-            name: name.to_string(),
-            err,
-        })?;
-    Ok(d)
-}
-
-/// Whether another process holds `dir/lock` (the VMM serving this VM
-/// keeps it for its lifetime).
-fn lock_held(dir: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(f) = std::fs::File::open(dir.join("lock")) else {
-        return false;
-    };
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    rc != 0
-}
-
-/// Takes `dir/lock` for the life of the returned file.
-pub fn hold_lock(dir: &Path) -> io::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::create(dir.join("lock"))?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(io::Error::last_os_error());
+    let tmp = vms.join(format!(".new-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let claimed = (|| {
+        let tmp = hostdir::ensure_private_dir(&tmp)?;
+        let lock = hostdir::open_nofollow(&tmp.join("lock"), Create::New)?;
+        if !try_lock(&lock) {
+            return Err(state_err(name)(io::Error::last_os_error()));
+        }
+        match rename_noreplace(&tmp, &d) {
+            Ok(()) => Ok(Claimed { dir: d, lock }),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTEMPTY)) => {
+                Err(InstanceError::Exists(name.to_string()))
+            }
+            Err(e) => Err(state_err(name)(e)),
+        }
+    })();
+    if claimed.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    Ok(f)
+    claimed
+}
+
+/// Opens `console.log` in a VM's state directory without following a
+/// symlink; `create` makes a new one (`O_EXCL`).
+pub fn open_console_log(dir: &Path, create: bool) -> Result<File, InstanceError> {
+    let how = if create { Create::New } else { Create::No };
+    Ok(hostdir::open_nofollow(&dir.join("console.log"), how)?)
 }
 
 /// What the control server asks of the VM it serves.
@@ -320,6 +449,11 @@ pub fn serve_control(listener: &UnixListener, target: &mut dyn ControlTarget) ->
             },
             Ok(_) => match parse_request(line.trim_end()) {
                 Ok(Request::Info) => Response::Info(target.info()),
+                Ok(Request::Stop { timeout_secs }) if timeout_secs > MAX_STOP_TIMEOUT_SECS => {
+                    Response::Error {
+                        message: InstanceError::Timeout(timeout_secs).to_string(),
+                    }
+                }
                 Ok(Request::Stop { timeout_secs }) => {
                     let how = target.stop(Duration::from_secs(timeout_secs));
                     let mut out =
@@ -341,99 +475,4 @@ pub fn serve_control(listener: &UnixListener, target: &mut dyn ControlTarget) ->
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        for ok in ["a", "web-1", "svc_2.test", &"x".repeat(32)] {
-            assert!(check_name(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", ".hidden", "a/b", "..", "sp ace", &"x".repeat(33), "ü"] {
-            assert!(check_name(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn request_wire_format() {
-        assert_eq!(parse_request(r#"{"op":"info"}"#), Ok(Request::Info));
-        assert_eq!(
-            parse_request(r#"{"op":"stop"}"#),
-            Ok(Request::Stop { timeout_secs: 10 })
-        );
-        assert_eq!(
-            parse_request(r#"{"op":"stop","timeout_secs":3}"#),
-            Ok(Request::Stop { timeout_secs: 3 })
-        );
-        for bad in [
-            "",
-            "{}",
-            "[1]",
-            r#"{"op":"format_disk"}"#,
-            "\u{0}",
-            r#"{"op":"stop","timeout_secs":-1}"#,
-        ] {
-            assert!(parse_request(bad).is_err(), "{bad:?}");
-        }
-        let s = serde_json::to_string(&Response::Stopped {
-            how: "poweroff".into(),
-        })
-        .unwrap();
-        assert_eq!(s, r#"{"status":"stopped","how":"poweroff"}"#);
-    }
-
-    struct Fake {
-        stopped: bool,
-    }
-
-    impl ControlTarget for Fake {
-        fn info(&self) -> Info {
-            Info {
-                version: PROTOCOL_VERSION,
-                name: "t".into(),
-                pid: 1,
-                cpus: 2,
-                memory_mib: 128,
-                started_at: 0,
-                vsock: "/x".into(),
-                publish: vec![(8080, 80)],
-            }
-        }
-        fn stop(&mut self, _timeout: Duration) -> String {
-            self.stopped = true;
-            "poweroff".into()
-        }
-        fn running(&self) -> bool {
-            !self.stopped
-        }
-    }
-
-    #[test]
-    fn control_server_answers_and_survives_bad_clients() {
-        let d = std::env::temp_dir().join(format!("locald-ctl-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        let path = d.join("c.sock");
-        let l = UnixListener::bind(&path).unwrap();
-        let server = std::thread::spawn(move || {
-            let mut f = Fake { stopped: false };
-            serve_control(&l, &mut f).unwrap();
-            f.stopped
-        });
-        let ask = |text: &[u8]| -> String {
-            let mut s = UnixStream::connect(&path).unwrap();
-            s.write_all(text).unwrap();
-            let _ = s.shutdown(std::net::Shutdown::Write);
-            let mut out = String::new();
-            let _ = BufReader::new(s).read_line(&mut out);
-            out
-        };
-        assert!(ask(b"{\"op\":\"info\"}\n").contains("\"publish\":[[8080,80]]"));
-        assert!(ask(b"garbage\n").contains("\"status\":\"error\""));
-        assert!(ask(b"{\"op\":\"info\"}").contains("unterminated"));
-        assert!(ask(&vec![b'x'; MAX_REQUEST + 10]).contains("error"));
-        assert!(ask(b"{\"op\":\"stop\",\"timeout_secs\":1}\n").contains("poweroff"));
-        assert!(server.join().unwrap());
-        std::fs::remove_dir_all(&d).unwrap();
-    }
-}
+mod tests;
