@@ -258,10 +258,13 @@ pub fn stop(name: &str, timeout: Duration) -> Result<String, InstanceError> {
     }
 }
 
+/// One entry of [`list`]: a VM's name and its info (or why there is none).
+pub type Listed = (String, Result<Info, InstanceError>);
+
 /// Every named VM: its info, or the error asking for it (stale VMs are
 /// cleaned up and reported as such, starting ones as [`InstanceError::Busy`]).
 /// Fails only when the runtime directory cannot be trusted.
-pub fn list() -> Result<Vec<(String, Result<Info, InstanceError>)>, InstanceError> {
+pub fn list() -> Result<Vec<Listed>, InstanceError> {
     let Some(vms) = vms_dir(false)? else {
         return Ok(Vec::new());
     };
