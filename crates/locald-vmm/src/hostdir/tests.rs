@@ -183,7 +183,7 @@ fn trusted_ancestor_symlinks_are_resolved() {
     }
     // `..` after a symlink is taken in the resolved path.
     let sub = real.join("sub");
-    fs::create_dir(&sub).unwrap();
+    fs::DirBuilder::new().mode(0o700).create(&sub).unwrap();
     std::os::unix::fs::symlink(&sub, s.join("tosub")).unwrap();
     let got = ensure_private_dir(&s.join("tosub/../y")).unwrap();
     assert_eq!(got, real.join("y"));
