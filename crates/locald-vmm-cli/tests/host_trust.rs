@@ -458,3 +458,69 @@ fn status_commands_leave_a_starting_vm_alone() {
         .next()
         .is_none());
 }
+
+/// A real `start` (default guest) while `ps` and `exec` run in a loop:
+/// the starting VM's state survives them and it comes up. Needs /dev/kvm
+/// (and builds the default kernel if it is not cached yet).
+#[test]
+fn start_racing_with_status_commands() {
+    if !common::kvm_present() {
+        return;
+    }
+    let t = scratch("start_race");
+    let env = [("XDG_RUNTIME_DIR", Some(t.as_path()))];
+    let mut start = Command::new(env!("CARGO_BIN_EXE_locald-vmm"))
+        .args(["start", "--name", "race", "--cpus", "1"])
+        .env("XDG_RUNTIME_DIR", &t)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let (mut polls, mut seen_starting) = (0, false);
+    let status = loop {
+        if let Some(s) = start.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "start took over 300 s"
+        );
+        let ps = vmm(&["ps"], &env);
+        let err = String::from_utf8_lossy(&ps.stderr);
+        assert_eq!(ps.status.code(), Some(0), "{err}");
+        assert!(
+            !err.contains("not running"),
+            "ps called the starting VM stale: {err}"
+        );
+        seen_starting |= String::from_utf8_lossy(&ps.stdout).contains("(starting)");
+        let ex = vmm(&["exec", "race", "--", "true"], &env);
+        let err = String::from_utf8_lossy(&ex.stderr);
+        assert!(
+            !err.contains("not running"),
+            "exec called the starting VM stale: {err}"
+        );
+        polls += 1;
+    };
+    let out = start.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "start failed after {polls} polls: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        seen_starting,
+        "ps never saw the VM starting ({polls} polls)"
+    );
+    let ex = vmm(&["exec", "race", "--", "echo", "up"], &env);
+    assert_eq!(String::from_utf8_lossy(&ex.stdout), "up\n");
+    let stop = vmm(&["stop", "race"], &env);
+    assert_eq!(
+        stop.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert!(!t.join("locald-vmm/vms/race").exists());
+}
