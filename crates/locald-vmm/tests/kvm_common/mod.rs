@@ -1,5 +1,5 @@
 //! Shared helpers of the fast KVM tier (`tests/kvm_*.rs`): building the
-//! tiny guests of `guests/`, skipping without `/dev/kvm`, running a guest
+//! tiny guests of `guests/`, skipping (the one `skip` function), running a guest
 //! through the library, running the same guest on QEMU microvm, and
 //! parsing the guests' memory-map lines.
 //!
@@ -11,6 +11,13 @@
 
 #[path = "../../../test-guests/src/builder.rs"]
 pub mod builder;
+
+/// The one skip function (`skip(Why::..)`): prints, logs to
+/// `LOCALD_VMM_SKIP_LOG`, panics in strict mode; see docs/testing.md.
+#[path = "../../src/test_support.rs"]
+pub mod skips;
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use skips::{is_root, skip, Why};
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -33,12 +40,13 @@ pub fn guest(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// True if `/dev/kvm` exists; otherwise says loudly that the test is skipped.
+/// True if `/dev/kvm` exists; otherwise records the skip ([`skip`]; a
+/// failure in strict mode).
 pub fn kvm_present() -> bool {
     if Path::new("/dev/kvm").exists() {
         true
     } else {
-        eprintln!("SKIPPED: /dev/kvm not present");
+        skip(Why::NoKvm);
         false
     }
 }
@@ -140,8 +148,9 @@ impl QemuOutcome {
     }
 }
 
-/// True if `qemu-system-x86_64` can be run; otherwise says loudly that the
-/// oracle comparison is skipped.
+/// True if `qemu-system-x86_64` can be run; otherwise records the skip of
+/// the oracle comparison ([`skip`]; a failure in strict mode: CI installs
+/// QEMU).
 pub fn qemu_present() -> bool {
     let ok = Command::new("qemu-system-x86_64")
         .arg("--version")
@@ -151,10 +160,9 @@ pub fn qemu_present() -> bool {
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!(
-            "SKIPPED (QEMU ORACLE): qemu-system-x86_64 is not installed; \
-             install qemu-system-x86 to compare against QEMU"
-        );
+        skip(Why::Missing(
+            "qemu-system-x86_64 (QEMU oracle; apt-get install qemu-system-x86)",
+        ));
     }
     ok
 }
