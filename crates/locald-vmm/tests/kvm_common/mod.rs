@@ -85,12 +85,37 @@ impl Spec {
     }
 }
 
+/// Slack for "run() returns promptly after its timeout": thread teardown
+/// only, but on a loaded 2-core host with other tests' VMs running a
+/// thread may wait seconds for a CPU. A lost kick shows as a hang, which
+/// [`run_bounded`] turns into a failure.
+pub const TIMEOUT_SLACK: Duration = Duration::from_secs(10);
+
+/// [`run`] on another thread; fails if it does not return within
+/// `spec.timeout + TIMEOUT_SLACK` (instead of hanging the test).
+pub fn run_bounded(spec: &Spec) -> Outcome {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = spec.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(run(&s));
+    });
+    let limit = spec.timeout + TIMEOUT_SLACK;
+    match rx.recv_timeout(limit) {
+        Ok(o) => o,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{}: run() did not return within {limit:?}", spec.guest)
+        }
+        Err(e) => panic!("{}: run() panicked ({e})", spec.guest),
+    }
+}
+
 /// What a run produced.
 #[derive(Debug)]
 pub struct Outcome {
     pub status: ExitStatus,
     /// Console output, `\r` removed.
     pub out: String,
+    /// How long `run()` took (VM creation not included).
     pub elapsed: Duration,
 }
 
@@ -117,9 +142,9 @@ pub fn run(spec: &Spec) -> Outcome {
         timeout: Some(spec.timeout),
         ..VmConfig::default()
     };
-    let start = Instant::now();
     let mut vm = VirtualMachine::new(cfg)
         .unwrap_or_else(|e| panic!("{}: VirtualMachine::new: {e}", spec.guest));
+    let start = Instant::now();
     let status = vm
         .run()
         .unwrap_or_else(|e| panic!("{}: run: {e}\noutput so far:\n{}", spec.guest, out.text()));
