@@ -447,7 +447,10 @@ fn verify_write(
     device_batch(g, engine, w, batch)?;
     for (slot, &off) in batch.iter().enumerate() {
         // Random offsets repeat: a later request over the same bytes wins.
-        if batch[slot + 1..].iter().any(|&o| o < off + w.size && off < o + w.size) {
+        if batch[slot + 1..]
+            .iter()
+            .any(|&o| o < off + w.size && off < o + w.size)
+        {
             continue;
         }
         let mut got = vec![0u8; w.size as usize];

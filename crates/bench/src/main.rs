@@ -456,10 +456,16 @@ mod tests {
     #[test]
     fn qemu_status_1_counts_only_with_the_guest_output_and_no_error() {
         let hello = b"pvh ok\ncmdline: x\nmemmap entries: 2\n";
-        assert_eq!(check_run(Vmm::Qemu, "pvh_hello", Some(1), hello, ""), Ok(()));
+        assert_eq!(
+            check_run(Vmm::Qemu, "pvh_hello", Some(1), hello, ""),
+            Ok(())
+        );
         let warn = "qemu-system-x86_64: warning: host doesn't support requested feature: \
                     CPUID.07H:EDX.arch-capabilities [bit 29]\n";
-        assert_eq!(check_run(Vmm::Qemu, "pvh_exit0", Some(1), b"", warn), Ok(()));
+        assert_eq!(
+            check_run(Vmm::Qemu, "pvh_exit0", Some(1), b"", warn),
+            Ok(())
+        );
         // QEMU's own error exit is also 1.
         let err = "qemu-system-x86_64: -kernel x: could not load kernel\n";
         assert!(check_run(Vmm::Qemu, "pvh_exit0", Some(1), b"", err).is_err());
@@ -471,7 +477,10 @@ mod tests {
     #[test]
     fn ours_needs_status_0_and_the_guest_output() {
         let hello = b"pvh ok\r\ncmdline: x\r\nmemmap entries: 2\r\n";
-        assert_eq!(check_run(Vmm::Ours, "pvh_hello", Some(0), hello, ""), Ok(()));
+        assert_eq!(
+            check_run(Vmm::Ours, "pvh_hello", Some(0), hello, ""),
+            Ok(())
+        );
         assert!(check_run(Vmm::Ours, "pvh_hello", Some(0), b"", "").is_err());
         assert!(check_run(Vmm::Ours, "pvh_exit0", Some(1), b"", "").is_err());
         assert!(check_run(Vmm::Ours, "port_loop", Some(0), b"junk", "").is_err());

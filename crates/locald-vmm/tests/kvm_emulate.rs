@@ -61,9 +61,7 @@ fn each_completed_instruction_has_its_architectural_effect() {
     };
     assert_eq!(
         out,
-        format!(
-            "stac ok\nclac ok\npopcnt 17\npopcnt flags ok\n{rdrand_line}\nfwait ok\nint3 ok\n"
-        ),
+        format!("stac ok\nclac ok\npopcnt 17\npopcnt flags ok\n{rdrand_line}\nfwait ok\nint3 ok\n"),
         "guest output"
     );
     assert_eq!(status, ExitStatus::Exited(0));

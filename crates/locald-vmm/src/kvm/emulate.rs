@@ -249,7 +249,11 @@ pub mod code_window {
 
     impl BusDevice for Window {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
-            if self.mem.read_slice(data, GuestAddress(BASE + offset)).is_err() {
+            if self
+                .mem
+                .read_slice(data, GuestAddress(BASE + offset))
+                .is_err()
+            {
                 data.fill(0xff);
             }
         }
