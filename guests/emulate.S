@@ -1,9 +1,11 @@
 # emulate: runs each instruction that locald-vmm completes itself when
 # KVM's instruction emulator cannot (software-KVM hosts): stac, clac,
-# register popcnt, fwait, int3 (with a real #BP handler). Checks the
-# architectural result of each and prints one line per instruction; exits 0
-# when all are right, 1 otherwise. On hardware KVM the same instructions
-# run natively and the output is identical.
+# register popcnt, rdrand, fwait, int3 (with a real #BP handler). Checks
+# the architectural result of each and prints one line per instruction;
+# exits 0 when all are right, 1 otherwise. rdrand runs only if CPUID
+# leaf 1 ECX bit 30 says it exists ("rdrand not present" otherwise) and is
+# retried on CF=0. On hardware KVM the same instructions run natively and
+# the output is identical; emulate_window forces the VMM's path there.
 
     .intel_syntax noprefix
     .code32
@@ -60,12 +62,20 @@ _start:
 1:  PRINT "popcnt FAILED\n"
     inc ebp
 2:
-    # rdrand: CF=1 and a value (two reads differ)
-    rdrand eax
+    # rdrand, if CPUID.1:ECX[30] says it exists: CF=1 within RDRAND_TRIES
+    # tries (a CPU may be out of entropy for a moment) and two reads differ.
+    mov eax, 1
+    cpuid
+    bt ecx, 30
+    jc 3f
+    PRINT "rdrand not present\n"
+    jmp 2f
+3:  call rdrand_retry
     jnc 1f
-    rdrand ecx
+    mov esi, eax
+    call rdrand_retry
     jnc 1f
-    cmp eax, ecx
+    cmp eax, esi
     je 1f
     PRINT "rdrand ok\n"
     jmp 2f
@@ -100,6 +110,17 @@ after_int3:
     jnz 3f
     EXIT 0
 3:  EXIT 1
+
+# rdrand_retry: EAX = a random value with CF=1, or CF=0 after
+# RDRAND_TRIES reads that all had CF=0. Clobbers ECX.
+    .set RDRAND_TRIES, 10
+rdrand_retry:
+    mov ecx, RDRAND_TRIES
+1:  rdrand eax
+    jc 2f
+    dec ecx                             # keeps CF (0)
+    jnz 1b
+2:  ret
 
 # #BP is a trap: the saved EIP is the instruction after int3. Returns
 # without iretd: KVM's emulator (all guest kernel code on a software KVM)

@@ -13,8 +13,13 @@
 #    then sends INIT, SIPI, SIPI through the local APIC at 0xfee00000 to
 #    every enabled processor entry whose APIC ID is not the BSP's. Each AP
 #    atomically increments a counter in the trampoline page and halts.
-# 3. Waits (bounded spin) for the counter to reach the number of APs,
-#    prints "aps started: M" and exits with status M + 1 (running CPUs).
+# 3. Waits for the counter to reach the number of APs, for at most about
+#    WAIT_SECONDS by the TSC (a loaded host can take long to schedule an
+#    AP's vCPU thread, so the bound is time, not a spin count), prints
+#    "aps started: M" and exits with status M + 1 (running CPUs).
+#    The TSC rate comes from CPUID 0x16 (base MHz), else the hypervisor
+#    timing leaf 0x40000010 (TSC kHz), else TSC_FALLBACK cycles are used
+#    (about 5-20 s at 1-4 GHz).
 
     .intel_syntax noprefix
     .code32
@@ -29,7 +34,8 @@
     .set TRAMPOLINE, 0x8000
     .set SIPI_VECTOR, TRAMPOLINE >> 12
     .set MAX_APS, 64
-    .set WAIT_LOOPS, 3000000
+    .set WAIT_SECONDS, 10
+    .set TSC_FALLBACK_HI, 4             # 4 << 32 cycles, about 17.2e9
 
     .section .text.entry, "ax"
     .globl _start
@@ -136,12 +142,19 @@ start_aps:
     jmp 1b
 
 wait_aps:
-    mov ecx, WAIT_LOOPS
+    call tsc_bound                      # EDX:EAX = cycles to wait
+    mov esi, eax
+    mov edi, edx
+    rdtsc
+    add esi, eax                        # EDI:ESI = deadline
+    adc edi, edx
 1:  cmp [TRAMPOLINE + tramp_counter - tramp_start], ebp
     jae wait_done
     pause
-    dec ecx
-    jnz 1b
+    rdtsc
+    sub eax, esi
+    sbb edx, edi
+    jc 1b                               # now < deadline
 wait_done:
     PRINT "aps started: "
     mov eax, [TRAMPOLINE + tramp_counter - tramp_start]
@@ -193,6 +206,38 @@ send_ipi:
     dec ecx
     jnz 1b
 2:  pop ecx
+    ret
+
+# tsc_bound: EDX:EAX = TSC cycles in WAIT_SECONDS (see the header).
+# Clobbers EBX, ECX.
+tsc_bound:
+    xor eax, eax
+    cpuid                               # EAX = highest basic leaf
+    cmp eax, 0x16
+    jb 1f
+    mov eax, 0x16
+    xor ecx, ecx
+    cpuid                               # EAX[15:0] = TSC base MHz
+    and eax, 0xffff
+    jz 1f
+    mov ecx, WAIT_SECONDS * 1000000
+    mul ecx
+    ret
+1:  mov eax, 0x40000000
+    cpuid                               # EAX = highest hypervisor leaf
+    cmp eax, 0x40000010
+    jb 2f
+    cmp eax, 0x4fffffff                 # not a hypervisor range at all
+    ja 2f
+    mov eax, 0x40000010
+    cpuid                               # EAX = TSC kHz
+    test eax, eax
+    jz 2f
+    mov ecx, WAIT_SECONDS * 1000
+    mul ecx
+    ret
+2:  xor eax, eax
+    mov edx, TSC_FALLBACK_HI
     ret
 
 # delay: spin ECX iterations.

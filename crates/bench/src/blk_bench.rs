@@ -15,8 +15,10 @@
 //! the device over a bare syscall, not disk speed. Each run does every
 //! batch both ways, alternating which goes first, so the drifts of a shared
 //! machine hit both alike; each figure is the median of `--runs` runs
-//! (default 5) after one untimed warm-up run. A third engine with a backend
-//! that moves no data gives the virtio cost alone ("virtio ns").
+//! (default 5) after one untimed warm-up run, which checks that the device
+//! read what the file holds or that its writes (of a fresh pattern) reached
+//! the file. A third engine with a backend that moves no data gives the
+//! virtio cost alone ("virtio ns").
 //!
 //! Usage: `locald-blk-bench [--runs N] [--size-mib N] [--dir DIR] [--only TEXT]`
 //! (`--only` keeps the workloads whose name contains TEXT).
@@ -418,6 +420,52 @@ fn verify_read(g: &Guest, file: &File, w: &Workload, last_batch: &[u64]) -> Resu
     Ok(())
 }
 
+/// Checks that the device's writes reached the file (outside timing):
+/// puts a pattern unique to this check, slot and offset in the guest's data
+/// slots, has the device write `batch` (≤ BATCH offsets), and reads the
+/// file back at each offset (that no later request overwrote).
+fn verify_write(
+    g: &mut Guest,
+    engine: &mut BlockEngine<DiskFile>,
+    file: &File,
+    w: &Workload,
+    batch: &[u64],
+) -> Result<(), String> {
+    let pattern = |slot: usize, off: u64| -> Vec<u8> {
+        let mut rng = Rng(0x7772_6974_6500 ^ off ^ ((slot as u64) << 48));
+        let mut v = vec![0u8; w.size as usize];
+        for b in v.chunks_exact_mut(8) {
+            b.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        v
+    };
+    for (slot, &off) in batch.iter().enumerate() {
+        g.mem
+            .write_slice(&pattern(slot, off), GuestAddress(Guest::data_addr(slot, w)))
+            .map_err(|e| e.to_string())?;
+    }
+    device_batch(g, engine, w, batch)?;
+    for (slot, &off) in batch.iter().enumerate() {
+        // Random offsets repeat: a later request over the same bytes wins.
+        if batch[slot + 1..]
+            .iter()
+            .any(|&o| o < off + w.size && off < o + w.size)
+        {
+            continue;
+        }
+        let mut got = vec![0u8; w.size as usize];
+        file.read_exact_at(&mut got, off)
+            .map_err(|e| e.to_string())?;
+        if got != pattern(slot, off) {
+            return Err(format!(
+                "{}: slot {slot}'s write did not reach the file at {off}",
+                w.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -478,9 +526,10 @@ fn bench(o: &Options, path: &Path) -> Result<Vec<Row>, String> {
         // Untimed warm-up, with a correctness check.
         let warm = offsets(w, o.size, 0);
         paired_run(&mut g, &mut engine, &raw, &mut bufs, w, &warm)?;
-        if w.dir == Dir::Read {
-            let tail = warm.len() - (warm.len() - 1) % BATCH - 1;
-            verify_read(&g, &raw, w, &warm[tail..])?;
+        let tail = warm.len() - (warm.len() - 1) % BATCH - 1;
+        match w.dir {
+            Dir::Read => verify_read(&g, &raw, w, &warm[tail..])?,
+            Dir::Write => verify_write(&mut g, &mut engine, &raw, w, &warm[tail..])?,
         }
         let mut null = BlockEngine::new(NullDisk, engine.info().clone(), "virtio-blk null");
         let (mut raw_rps, mut dev_rps, mut null_ns) = (Vec::new(), Vec::new(), Vec::new());

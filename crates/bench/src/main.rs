@@ -340,18 +340,15 @@ fn run_once(opts: &Options, vmm: Vmm, guest: &Path) -> Result<Sample, String> {
     let (first_byte, output) = reader.join().map_err(|_| "stdout reader panicked")?;
     let errors = err_reader.join().unwrap_or_default();
 
-    let expected = match vmm {
-        Vmm::Ours => 0,
-        Vmm::Qemu => 1,
-    };
     let code = if libc::WIFEXITED(status) {
         Some(libc::WEXITSTATUS(status))
     } else {
         None
     };
-    if code != Some(expected) {
+    let name = guest.file_name().unwrap_or_default().to_string_lossy();
+    if let Err(why) = check_run(vmm, &name, code, &output, &errors) {
         return Err(format!(
-            "{} on {}: expected exit status {expected}, got {}\nstdout: {}\nstderr: {}",
+            "{} on {}: {why} ({})\nstdout: {}\nstderr: {}",
             label(vmm),
             guest.display(),
             describe_status(status),
@@ -366,6 +363,45 @@ fn run_once(opts: &Options, vmm: Vmm, guest: &Path) -> Result<Sample, String> {
         cpu: tv(rusage.ru_utime) + tv(rusage.ru_stime),
         max_rss_kib: rusage.ru_maxrss as u64,
     })
+}
+
+/// Decides whether a run did the work: the guest ended with status 0 and
+/// printed what it prints. For QEMU, status 0 through isa-debug-exit is
+/// process status 1 — which is also QEMU's own error exit, so there the
+/// run must also have no stderr line other than a warning (QEMU reports
+/// its errors there; `-cpu host,-arch-capabilities` warns on AMD hosts)
+/// and the guest's output must be right.
+fn check_run(
+    vmm: Vmm,
+    guest: &str,
+    code: Option<i32>,
+    stdout: &[u8],
+    stderr: &str,
+) -> Result<(), String> {
+    let expected = match vmm {
+        Vmm::Ours => 0,
+        Vmm::Qemu => 1,
+    };
+    if code != Some(expected) {
+        return Err(format!("expected exit status {expected}"));
+    }
+    if vmm == Vmm::Qemu {
+        if let Some(line) = stderr
+            .lines()
+            .find(|l| !l.trim().is_empty() && !l.contains("warning:"))
+        {
+            return Err(format!("QEMU reported an error: {line}"));
+        }
+    }
+    let out = String::from_utf8_lossy(stdout).replace('\r', "");
+    let ok = match guest {
+        "pvh_hello" => out.starts_with("pvh ok\n") && out.contains("\nmemmap entries: "),
+        _ => out.is_empty(),
+    };
+    if !ok {
+        return Err(format!("unexpected guest output for {guest}"));
+    }
+    Ok(())
 }
 
 /// Waits for the child with `wait4` (for its rusage), killing it after
@@ -410,5 +446,43 @@ fn describe_status(status: libc::c_int) -> String {
         format!("killed by signal {}", libc::WTERMSIG(status))
     } else {
         format!("raw status {status:#x}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_status_1_counts_only_with_the_guest_output_and_no_error() {
+        let hello = b"pvh ok\ncmdline: x\nmemmap entries: 2\n";
+        assert_eq!(
+            check_run(Vmm::Qemu, "pvh_hello", Some(1), hello, ""),
+            Ok(())
+        );
+        let warn = "qemu-system-x86_64: warning: host doesn't support requested feature: \
+                    CPUID.07H:EDX.arch-capabilities [bit 29]\n";
+        assert_eq!(
+            check_run(Vmm::Qemu, "pvh_exit0", Some(1), b"", warn),
+            Ok(())
+        );
+        // QEMU's own error exit is also 1.
+        let err = "qemu-system-x86_64: -kernel x: could not load kernel\n";
+        assert!(check_run(Vmm::Qemu, "pvh_exit0", Some(1), b"", err).is_err());
+        assert!(check_run(Vmm::Qemu, "pvh_hello", Some(1), b"", "").is_err());
+        assert!(check_run(Vmm::Qemu, "pvh_hello", Some(3), hello, "").is_err());
+        assert!(check_run(Vmm::Qemu, "port_loop", None, b"", "").is_err());
+    }
+
+    #[test]
+    fn ours_needs_status_0_and_the_guest_output() {
+        let hello = b"pvh ok\r\ncmdline: x\r\nmemmap entries: 2\r\n";
+        assert_eq!(
+            check_run(Vmm::Ours, "pvh_hello", Some(0), hello, ""),
+            Ok(())
+        );
+        assert!(check_run(Vmm::Ours, "pvh_hello", Some(0), b"", "").is_err());
+        assert!(check_run(Vmm::Ours, "pvh_exit0", Some(1), b"", "").is_err());
+        assert!(check_run(Vmm::Ours, "port_loop", Some(0), b"junk", "").is_err());
     }
 }

@@ -26,6 +26,8 @@ pub mod publish;
 #[cfg(target_os = "linux")]
 pub mod seccomp;
 #[cfg(test)]
+pub(crate) mod test_support;
+#[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};

@@ -150,13 +150,19 @@ pub const GUESTS: &[GuestSpec] = &[
     GuestSpec {
         name: "emulate",
         script: "pvh.ld",
-        about: "PVH: stac, clac, popcnt, fwait, int3 with their results checked; exits 0",
+        about: "PVH: stac, clac, popcnt, rdrand (if in CPUID, retried), fwait, int3 with their results checked; exits 0",
         lang: Lang::Asm,
     },
     GuestSpec {
         name: "unhandled",
         script: "pvh.ld",
-        about: "PVH: rdseed, which software KVM cannot emulate (error names it); exits 0 elsewhere",
+        about: "PVH: rdseed if CPUID has it, retried on CF=0; software KVM cannot emulate it (error names it); exits 0 elsewhere",
+        lang: Lang::Asm,
+    },
+    GuestSpec {
+        name: "emulate_window",
+        script: "pvh.ld",
+        about: "PVH: stac, clac, popcnt, rdrand, fwait, int3 from the VMM's test code window (LOCALD_VMM_TEST_CODE_WINDOW=1), completed by the VMM on any host; then rdseed there, which it must refuse",
         lang: Lang::Asm,
     },
     GuestSpec {

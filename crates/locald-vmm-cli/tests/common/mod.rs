@@ -1,13 +1,20 @@
 //! Helpers shared by the CLI's integration tests (each test binary
 //! includes this with `mod common;` and uses what it needs): the tiny
-//! guests of `guests/`, the loud `/dev/kvm` check, host tools, and the
-//! runtime directory rule. Runs on the test's own thread.
+//! guests of `guests/`, the one skip function and the `/dev/kvm` check,
+//! host tools, and the runtime directory rule. Runs on the test's own thread.
 
 #![allow(dead_code)] // each test binary uses its own subset
 
 #[allow(dead_code)] // only build_all/spec are used
 #[path = "../../../test-guests/src/builder.rs"]
 mod builder;
+
+/// The one skip function (`skip(Why::..)`): prints, logs to
+/// `LOCALD_VMM_SKIP_LOG`, panics in strict mode; see docs/testing.md.
+#[path = "../../../locald-vmm/src/test_support.rs"]
+pub mod skips;
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use skips::{is_root, skip, Why};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,14 +36,13 @@ pub fn guest(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// True if `/dev/kvm` exists; otherwise says loudly that the test is skipped.
+/// True if `/dev/kvm` exists; otherwise records the skip ([`skip`]; a
+/// failure in strict mode).
 pub fn kvm_present() -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    eprintln!("=================================================================");
-    eprintln!("SKIPPED: /dev/kvm not present — this KVM test was NOT run");
-    eprintln!("=================================================================");
+    skip(Why::NoKvm);
     false
 }
 

@@ -19,6 +19,10 @@
 //!
 //! Anything else ends the VM with an error naming the instruction, its
 //! bytes and the guest RIP.
+//!
+//! On hardware KVM none of these exits happens, so [`code_window`] gives
+//! tests a way to reach this path on any host: a test-only page from which
+//! KVM cannot fetch instructions.
 
 use iced_x86::{
     Code, Decoder, DecoderOptions, Formatter, Instruction, IntelFormatter, OpKind, Register,
@@ -201,6 +205,81 @@ pub fn emulate(
     Ok((effect, kind))
 }
 
+/// Test hook (off unless `LOCALD_VMM_TEST_CODE_WINDOW=1` is in the VMM's
+/// environment when the VM is created): one page of guest-physical
+/// address space at [`code_window::BASE`], the start of the MMIO hole,
+/// that is **not** a KVM memory slot but is backed by VMM memory. The
+/// guest fills it with plain MMIO writes (each one a VM exit; reads return
+/// what was written) and jumps into it. KVM cannot fetch an instruction
+/// from a guest-physical address without a memory slot, on Intel, AMD and
+/// software KVM alike: its emulator gives up with `KVM_EXIT_INTERNAL_ERROR`
+/// (`KVM_INTERNAL_ERROR_EMULATION`) at CPL 0, with RIP on the instruction
+/// — the very exit a software-KVM host takes for `int3` or `stac` in RAM.
+/// The vCPU loop then takes its one path for it (fetch the bytes through
+/// the guest's page tables, [`emulate`], count the kind), which reads the
+/// window from the VMM memory added to its view. Every instruction in the
+/// window exits this way, so a sequence ends with `int3` (completed here,
+/// #BP into the guest's handler in RAM) to leave it. See docs/testing.md
+/// and `guests/emulate_window.S`.
+pub mod code_window {
+    use std::sync::{Arc, Mutex};
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+    use crate::devices::{Bus, BusDevice};
+    use crate::error::Error;
+
+    /// The environment variable that turns the window on (`1`).
+    pub const ENV: &str = "LOCALD_VMM_TEST_CODE_WINDOW";
+    /// Guest-physical base of the window: the first page of the MMIO hole.
+    pub const BASE: u64 = crate::kvm::layout::MMIO_GAP_START;
+    /// Size of the window.
+    pub const SIZE: u64 = 0x1000;
+
+    /// True if the hook is on in this process's environment.
+    pub fn enabled() -> bool {
+        std::env::var(ENV).is_ok_and(|v| v == "1")
+    }
+
+    /// The window's MMIO side: guest reads and writes go to `mem` (holding
+    /// only the window page), the same memory the vCPU loop fetches from.
+    struct Window {
+        mem: GuestMemoryMmap,
+    }
+
+    impl BusDevice for Window {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            if self
+                .mem
+                .read_slice(data, GuestAddress(BASE + offset))
+                .is_err()
+            {
+                data.fill(0xff);
+            }
+        }
+
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            let _ = self.mem.write_slice(data, GuestAddress(BASE + offset));
+        }
+    }
+
+    /// Puts the window on `mmio` and returns `ram` plus the window page:
+    /// the memory the vCPU loop reads instructions from. `ram` itself (what
+    /// KVM and the devices see) stays without it.
+    pub fn attach(ram: &GuestMemoryMmap, mmio: &mut Bus) -> Result<GuestMemoryMmap, Error> {
+        let err = |e: String| Error::Device(format!("test code window: {e}"));
+        let region = Arc::new(
+            GuestRegionMmap::from_range(GuestAddress(BASE), SIZE as usize, None)
+                .map_err(|e| err(e.to_string()))?,
+        );
+        let own = GuestMemoryMmap::from_arc_regions(vec![region.clone()])
+            .map_err(|e| err(e.to_string()))?;
+        mmio.insert(Arc::new(Mutex::new(Window { mem: own })), BASE, SIZE)
+            .map_err(|e| err(e.to_string()))?;
+        ram.insert_region(region).map_err(|e| err(e.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +399,32 @@ mod tests {
         r.rdx = 0xaaaa_bbbb_cccc_0000;
         emulate(&[0x66, 0x0f, 0xc7, 0xf2], 64, &mut r).unwrap();
         assert_eq!(r.rdx & !0xffff, 0xaaaa_bbbb_cccc_0000);
+    }
+
+    #[test]
+    fn code_window_writes_are_what_the_vcpu_fetches() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+        let ram = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut bus = crate::devices::Bus::new();
+        let fetch = code_window::attach(&ram, &mut bus).unwrap();
+        // The guest's MMIO writes (stac) land where the vCPU loop reads.
+        bus.write(code_window::BASE, &[0x0f, 0x01]);
+        bus.write(code_window::BASE + 2, &[0xcb]);
+        let mut b = [0u8; 3];
+        fetch
+            .read_slice(&mut b, GuestAddress(code_window::BASE))
+            .unwrap();
+        assert_eq!(b, [0x0f, 0x01, 0xcb]);
+        let mut back = [0u8; 1];
+        bus.read(code_window::BASE + 2, &mut back);
+        assert_eq!(back, [0xcb]);
+        // RAM is still there; KVM's view (`ram`) has no window.
+        assert!(fetch.address_in_range(GuestAddress(0xfff0)));
+        assert!(!ram.address_in_range(GuestAddress(code_window::BASE)));
+        let mut r = regs();
+        r.rip = code_window::BASE;
+        assert_eq!(emulate(&b, 32, &mut r).unwrap(), (Effect::Done, "stac"));
+        assert_eq!(r.rip, code_window::BASE + 3);
     }
 
     #[test]

@@ -190,6 +190,12 @@ impl KvmVm {
         // Virtio devices on the MMIO bus, announced on the command line.
         let mut mmio_bus = Bus::new();
         let mut cmdline = spec.cmdline.clone() + &attach_virtio(&vm, &mem, &mut mmio_bus, virtio)?;
+        // Test hook, off by default (see emulate::code_window).
+        let fetch_mem = if emulate::code_window::enabled() {
+            emulate::code_window::attach(&mem, &mut mmio_bus)?
+        } else {
+            mem.clone()
+        };
         if let Some(extra) = &spec.user_cmdline {
             cmdline.push(' ');
             cmdline.push_str(extra);
@@ -231,7 +237,7 @@ impl KvmVm {
                 pio,
                 mmio: mmio_bus,
                 control,
-                mem,
+                mem: fetch_mem,
                 samples: Mutex::new(Vec::new()),
                 emulated: Mutex::new(HashMap::new()),
             }),

@@ -1,5 +1,5 @@
 //! Shared helpers of the fast KVM tier (`tests/kvm_*.rs`): building the
-//! tiny guests of `guests/`, skipping without `/dev/kvm`, running a guest
+//! tiny guests of `guests/`, skipping (the one `skip` function), running a guest
 //! through the library, running the same guest on QEMU microvm, and
 //! parsing the guests' memory-map lines.
 //!
@@ -11,6 +11,13 @@
 
 #[path = "../../../test-guests/src/builder.rs"]
 pub mod builder;
+
+/// The one skip function (`skip(Why::..)`): prints, logs to
+/// `LOCALD_VMM_SKIP_LOG`, panics in strict mode; see docs/testing.md.
+#[path = "../../src/test_support.rs"]
+pub mod skips;
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use skips::{is_root, skip, Why};
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -33,12 +40,13 @@ pub fn guest(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// True if `/dev/kvm` exists; otherwise says loudly that the test is skipped.
+/// True if `/dev/kvm` exists; otherwise records the skip ([`skip`]; a
+/// failure in strict mode).
 pub fn kvm_present() -> bool {
     if Path::new("/dev/kvm").exists() {
         true
     } else {
-        eprintln!("SKIPPED: /dev/kvm not present");
+        skip(Why::NoKvm);
         false
     }
 }
@@ -77,12 +85,37 @@ impl Spec {
     }
 }
 
+/// Slack for "run() returns promptly after its timeout": thread teardown
+/// only, but on a loaded 2-core host with other tests' VMs running a
+/// thread may wait seconds for a CPU. A lost kick shows as a hang, which
+/// [`run_bounded`] turns into a failure.
+pub const TIMEOUT_SLACK: Duration = Duration::from_secs(10);
+
+/// [`run`] on another thread; fails if it does not return within
+/// `spec.timeout + TIMEOUT_SLACK` (instead of hanging the test).
+pub fn run_bounded(spec: &Spec) -> Outcome {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = spec.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(run(&s));
+    });
+    let limit = spec.timeout + TIMEOUT_SLACK;
+    match rx.recv_timeout(limit) {
+        Ok(o) => o,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{}: run() did not return within {limit:?}", spec.guest)
+        }
+        Err(e) => panic!("{}: run() panicked ({e})", spec.guest),
+    }
+}
+
 /// What a run produced.
 #[derive(Debug)]
 pub struct Outcome {
     pub status: ExitStatus,
     /// Console output, `\r` removed.
     pub out: String,
+    /// How long `run()` took (VM creation not included).
     pub elapsed: Duration,
 }
 
@@ -109,9 +142,9 @@ pub fn run(spec: &Spec) -> Outcome {
         timeout: Some(spec.timeout),
         ..VmConfig::default()
     };
-    let start = Instant::now();
     let mut vm = VirtualMachine::new(cfg)
         .unwrap_or_else(|e| panic!("{}: VirtualMachine::new: {e}", spec.guest));
+    let start = Instant::now();
     let status = vm
         .run()
         .unwrap_or_else(|e| panic!("{}: run: {e}\noutput so far:\n{}", spec.guest, out.text()));
@@ -140,8 +173,9 @@ impl QemuOutcome {
     }
 }
 
-/// True if `qemu-system-x86_64` can be run; otherwise says loudly that the
-/// oracle comparison is skipped.
+/// True if `qemu-system-x86_64` can be run; otherwise records the skip of
+/// the oracle comparison ([`skip`]; a failure in strict mode: CI installs
+/// QEMU).
 pub fn qemu_present() -> bool {
     let ok = Command::new("qemu-system-x86_64")
         .arg("--version")
@@ -151,10 +185,9 @@ pub fn qemu_present() -> bool {
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!(
-            "SKIPPED (QEMU ORACLE): qemu-system-x86_64 is not installed; \
-             install qemu-system-x86 to compare against QEMU"
-        );
+        skip(Why::Missing(
+            "qemu-system-x86_64 (QEMU oracle; apt-get install qemu-system-x86)",
+        ));
     }
     ok
 }
