@@ -126,6 +126,27 @@ pub fn drop_for_server_thread(what: &str) {
     }
 }
 
+/// Clears one capability from the calling thread's effective set (tests:
+/// what a VMM without it sees).
+#[cfg(test)]
+pub fn drop_effective_for_test(c: u32) -> Result<(), CapsError> {
+    let mut hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: as in drop_unneeded.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) } != 0 {
+        return Err(CapsError::Get(io::Error::last_os_error()));
+    }
+    data[(c / 32) as usize].effective &= !(1 << (c % 32));
+    // SAFETY: as in drop_unneeded.
+    if unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) } != 0 {
+        return Err(CapsError::Set(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,25 +171,4 @@ mod tests {
             eprintln!("NOTE: not root: there was nothing to drop");
         }
     }
-}
-
-/// Clears one capability from the calling thread's effective set (tests:
-/// what a VMM without it sees).
-#[cfg(test)]
-pub fn drop_effective_for_test(c: u32) -> Result<(), CapsError> {
-    let mut hdr = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: as in drop_unneeded.
-    if unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) } != 0 {
-        return Err(CapsError::Get(io::Error::last_os_error()));
-    }
-    data[(c / 32) as usize].effective &= !(1 << (c % 32));
-    // SAFETY: as in drop_unneeded.
-    if unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) } != 0 {
-        return Err(CapsError::Set(io::Error::last_os_error()));
-    }
-    Ok(())
 }
