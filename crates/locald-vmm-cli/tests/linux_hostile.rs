@@ -200,3 +200,126 @@ fn hostile_guest_program_leaves_the_vmm_and_the_vm_working() {
     let disk = std::fs::read(&data).unwrap();
     assert_eq!(&disk[8 * 512..8 * 512 + 16], b"still-alive-7f3a");
 }
+
+/// Run as root inside the guest, in a writable share: tries to plant file
+/// capabilities, `trusted.*` xattrs, set-id bits and a device node on the
+/// host, and prints what each call returned.
+const FS_HOSTILE_C: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+static void report(const char *what, int rc) {
+    printf("%s: %s\n", what, rc == 0 ? "ok" : strerror(errno));
+}
+
+int main(void) {
+    /* VFS_CAP_REVISION_2 | effective, permitted = CAP_SETUID. */
+    unsigned int cap[5] = {0x02000001u, 1u << 7, 0, 0, 0};
+    int fd = open("capbin", O_CREAT | O_WRONLY | O_TRUNC, 0755);
+    if (fd < 0 || write(fd, "\177ELF", 4) != 4) { perror("capbin"); return 1; }
+    close(fd);
+    report("setxattr security.capability", setxattr("capbin", "security.capability", cap, sizeof cap, 0));
+    report("setxattr trusted.x", setxattr("capbin", "trusted.x", "1", 1, 0));
+    report("setxattr security.evil", setxattr("capbin", "security.evil", "1", 1, 0));
+    report("setxattr user.ok", setxattr("capbin", "user.ok", "yes", 3, 0));
+    /* Set-id bits: at creation and by chmod. */
+    umask(0);
+    fd = open("sgid-created", O_CREAT | O_WRONLY, 02755);
+    report("create 02755", fd < 0 ? -1 : 0);
+    if (fd >= 0) close(fd);
+    fd = open("sgid-chmod", O_CREAT | O_WRONLY, 0644);
+    if (fd >= 0) close(fd);
+    report("chmod 02755", chmod("sgid-chmod", 02755));
+    fd = open("suid-chmod", O_CREAT | O_WRONLY, 0644);
+    if (fd >= 0) close(fd);
+    report("chmod 04755", chmod("suid-chmod", 04755));
+    report("chmod dir 02775", mkdir("sgid-dir", 0775) || chmod("sgid-dir", 02775));
+    report("mknod char 1:3", mknod("null", S_IFCHR | 0666, makedev(1, 3)));
+    printf("fs-hostile: done\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn guest_root_cannot_plant_caps_setid_or_devices_on_a_share() {
+    if !kvm_present() {
+        return;
+    }
+    let dir = PathBuf::from(format!("/tmp/lf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _scratch = Scratch(dir.clone());
+    let run = dir.join("run");
+    std::fs::create_dir(&run).unwrap();
+    let bin = dir.join("bin");
+    let work = dir.join("work");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(dir.join("fs_hostile.c"), FS_HOSTILE_C).unwrap();
+    let cc = Command::new("gcc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(bin.join("fs_hostile"))
+        .arg(dir.join("fs_hostile.c"))
+        .output()
+        .expect("run gcc (scripts/setup-host.sh installs it)");
+    assert!(
+        cc.status.success(),
+        "gcc -static fs_hostile.c: {}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let out = vmm(&run)
+        .args(["run", "--timeout", "300", "--share"])
+        .arg(format!("{}:/opt/fsh:ro", bin.display()))
+        .arg("--share")
+        .arg(format!("{}:/mnt/w", work.display()))
+        .args(["--", "sh", "-c", "cd /mnt/w && /opt/fsh/fs_hostile"])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!(
+        "fs_hostile ({:?}):\n{text}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text.contains("fs-hostile: done"), "{text}");
+    // What the guest was told.
+    for want in [
+        "setxattr security.capability: Operation not permitted",
+        "setxattr trusted.x: Operation not permitted",
+        "setxattr security.evil: Operation not permitted",
+        "setxattr user.ok: ok",
+        "mknod char 1:3: Operation not permitted",
+    ] {
+        assert!(text.contains(want), "guest output lacks {want:?}:\n{text}");
+    }
+    // What is really on the host.
+    let xattr = |file: &str, name: &str| -> Option<Vec<u8>> {
+        let p = std::ffi::CString::new(work.join(file).to_str().unwrap()).unwrap();
+        let n = std::ffi::CString::new(name).unwrap();
+        let mut buf = vec![0u8; 256];
+        // SAFETY: valid NUL-terminated strings; `buf` is writable for its length.
+        let r =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        (r >= 0).then(|| buf[..r as usize].to_vec())
+    };
+    assert_eq!(xattr("capbin", "security.capability"), None);
+    assert_eq!(xattr("capbin", "trusted.x"), None);
+    assert_eq!(xattr("capbin", "security.evil"), None);
+    assert_eq!(xattr("capbin", "user.ok").as_deref(), Some(&b"yes"[..]));
+    use std::os::unix::fs::MetadataExt;
+    let mode = |f: &str| std::fs::symlink_metadata(work.join(f)).unwrap().mode();
+    for f in ["sgid-created", "sgid-chmod", "suid-chmod"] {
+        assert_eq!(mode(f) & libc::S_IFMT, libc::S_IFREG, "{f}");
+        assert_eq!(mode(f) & 0o7000, 0, "{f}: host mode {:o}", mode(f));
+    }
+    // A directory keeps setgid (its new entries inherit its group).
+    assert_eq!(mode("sgid-dir") & 0o7777, 0o2775);
+    assert!(!work.join("null").exists(), "device node made on the host");
+}

@@ -300,6 +300,10 @@ const FS: &[i64] = &[
     libc::SYS_dup,
     libc::SYS_dup3,
     libc::SYS_flock,
+    // Dropping the capabilities a share never needs, once at start
+    // (devices/virtio/fs/caps.rs).
+    libc::SYS_capget,
+    libc::SYS_capset,
 ];
 
 /// The VMM thread: stdio and the terminal, the agent and control sockets,

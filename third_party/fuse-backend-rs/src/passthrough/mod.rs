@@ -374,6 +374,13 @@ pub struct PassthroughFs<S: BitmapSlice + Send + Sync = ()> {
     // to be serving doesn't have access to `/proc/self/fd`.
     proc_self_fd: File,
 
+    // locald-vmm patch 0003: the share root, opened once (`O_PATH`) when
+    // the file system is created. `import()` (run again at every FUSE
+    // INIT, DESTROY and device reset) reloads the root inode from this fd,
+    // never from `cfg.root_dir`: re-resolving the path would follow
+    // whatever a guest of an enclosing share had swapped into it.
+    root_fd: File,
+
     // Whether writeback caching is enabled for this directory. This will only be true when
     // `cfg.writeback` is true and `init` was called with `FsOptions::WRITEBACK_CACHE`.
     writeback: AtomicBool,
@@ -438,6 +445,16 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
 
         let mount_fds = MountFds::new(None)?;
 
+        // locald-vmm patch 0003: resolve the root path once, here.
+        let root = CString::new(cfg.root_dir.as_str())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let root_fd = Self::open_file(
+            &libc::AT_FDCWD,
+            &root,
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_DIRECTORY,
+            0,
+        )?;
+
         Ok(PassthroughFs {
             inode_map: InodeMap::new(),
             next_inode: AtomicU64::new(fuse::ROOT_ID + 1),
@@ -448,6 +465,7 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
 
             mount_fds,
             proc_self_fd,
+            root_fd,
 
             writeback: AtomicBool::new(false),
             no_open: AtomicBool::new(false),
@@ -466,9 +484,11 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
 
     /// Initialize the Passthrough file system.
     pub fn import(&self) -> io::Result<()> {
-        let root = CString::new(self.cfg.root_dir.as_str()).expect("CString::new failed");
+        // locald-vmm patch 0003: from the fd opened at creation, not the path.
+        // Safe because this is a constant value and a valid C string.
+        let dot = unsafe { CStr::from_bytes_with_nul_unchecked(CURRENT_DIR_CSTR) };
 
-        let (path_fd, handle_opt, st) = Self::open_file_and_handle(self, &libc::AT_FDCWD, &root)
+        let (path_fd, handle_opt, st) = Self::open_file_and_handle(self, &self.root_fd, dot)
             .map_err(|e| {
                 error!("fuse: import: failed to get file or handle: {:?}", e);
                 e
@@ -540,12 +560,32 @@ impl<S: BitmapSlice + Send + Sync> PassthroughFs<S> {
         Self::readlinkat(self.proc_self_fd.as_raw_fd(), &pathname)
     }
 
+    /// locald-vmm patch 0003: the mount id of an inode, from its own fd
+    /// (`statx` on the fd, not on a path), so a caller can refuse inodes
+    /// on another mount without re-resolving a path a guest can change.
+    pub fn inode_mount_id(&self, inode: Inode) -> io::Result<u64> {
+        let data = self.inode_map.get(inode)?;
+        let file = data.get_file()?;
+        Ok(statx(&file, None)?.mnt_id)
+    }
+
+    /// locald-vmm patch 0008: the host `stat` of an inode, from its own fd
+    /// (the real file type, whatever mode bits a request carries).
+    pub fn inode_stat(&self, inode: Inode) -> io::Result<libc::stat64> {
+        let data = self.inode_map.get(inode)?;
+        data.handle.stat()
+    }
+
     fn create_file_excl(
         dir: &impl AsRawFd,
         pathname: &CStr,
         flags: i32,
         mode: u32,
     ) -> io::Result<Option<File>> {
+        // locald-vmm patch 0004: the kernel ignores O_CREAT|O_EXCL under
+        // O_PATH (and O_TMPFILE makes an unnamed file): drop both, and never
+        // follow a final symlink where a guest-chosen name is resolved.
+        let flags = (flags & !libc::O_PATH & !libc::O_TMPFILE) | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         match openat(dir, pathname, flags | libc::O_CREAT | libc::O_EXCL, mode) {
             Ok(file) => Ok(Some(file)),
             Err(err) => {

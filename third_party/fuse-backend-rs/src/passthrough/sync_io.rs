@@ -430,9 +430,12 @@ impl<S: BitmapSlice + Send + Sync> FileSystem for PassthroughFs<S> {
         let data = self.inode_map.get(parent)?;
 
         let res = {
-            let (_uid, _gid) = set_creds(ctx.uid, ctx.gid)?;
-
+            // locald-vmm patch 0005: the parent's fd is taken before the
+            // credentials are switched: in file-handle mode `get_file` is
+            // `open_by_handle_at`, which needs CAP_DAC_READ_SEARCH (gone
+            // once the fs uid is not 0).
             let file = data.get_file()?;
+            let (_uid, _gid) = set_creds(ctx.uid, ctx.gid)?;
             // Safe because this doesn't modify any memory and we check the return value.
             unsafe { libc::mkdirat(file.as_raw_fd(), name.as_ptr(), mode & !umask) }
         };
@@ -573,8 +576,19 @@ impl<S: BitmapSlice + Send + Sync> FileSystem for PassthroughFs<S> {
                     None
                 };
 
+                // locald-vmm patch 0005: the inode's `O_PATH` fd is taken
+                // as ourselves (in file-handle mode that is
+                // `open_by_handle_at`), then reopened through
+                // /proc/self/fd with the caller's credentials, so the
+                // host's permission check is the caller's.
+                let data = self.inode_map.get(entry.inode)?;
+                if !is_safe_inode(data.mode) {
+                    return Err(ebadf());
+                }
+                let path_file = data.get_file()?;
+                let flags = self.get_writeback_open_flags(args.flags as i32) | libc::O_CLOEXEC;
                 let (_uid, _gid) = set_creds(ctx.uid, ctx.gid)?;
-                self.open_inode(entry.inode, args.flags as i32)?
+                reopen_fd_through_proc(&path_file, flags, &self.proc_self_fd)?
             }
         };
 
@@ -953,17 +967,22 @@ impl<S: BitmapSlice + Send + Sync> FileSystem for PassthroughFs<S> {
         let file = data.get_file()?;
         let new_file = new_inode.get_file()?;
 
-        // Safe because this is a constant value and a valid C string.
-        let empty = unsafe { CStr::from_bytes_with_nul_unchecked(EMPTY_CSTR) };
-
+        // locald-vmm patch 0006: link through /proc/self/fd/N with
+        // AT_SYMLINK_FOLLOW instead of `linkat(fd, "", AT_EMPTY_PATH)`.
+        // The latter needs CAP_DAC_READ_SEARCH, or (Linux 6.10+) an fd
+        // opened under the very same credentials object as the caller's:
+        // with per-request credential switches and several server threads
+        // that held only sometimes, so `link` failed with ENOENT at random.
+        let procname = CString::new(format!("{}", file.as_raw_fd()))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         // Safe because this doesn't modify any memory and we check the return value.
         let res = unsafe {
             libc::linkat(
-                file.as_raw_fd(),
-                empty.as_ptr(),
+                self.proc_self_fd.as_raw_fd(),
+                procname.as_ptr(),
                 new_file.as_raw_fd(),
                 newname.as_ptr(),
-                libc::AT_EMPTY_PATH,
+                libc::AT_SYMLINK_FOLLOW,
             )
         };
         if res == 0 {
@@ -985,9 +1004,9 @@ impl<S: BitmapSlice + Send + Sync> FileSystem for PassthroughFs<S> {
         let data = self.inode_map.get(parent)?;
 
         let res = {
-            let (_uid, _gid) = set_creds(ctx.uid, ctx.gid)?;
-
+            // locald-vmm patch 0005: parent fd first, then the credentials.
             let file = data.get_file()?;
+            let (_uid, _gid) = set_creds(ctx.uid, ctx.gid)?;
             // Safe because this doesn't modify any memory and we check the return value.
             unsafe { libc::symlinkat(linkname.as_ptr(), file.as_raw_fd(), name.as_ptr()) }
         };
@@ -1122,7 +1141,7 @@ impl<S: BitmapSlice + Send + Sync> FileSystem for PassthroughFs<S> {
 
     fn setxattr(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         inode: Inode,
         name: &CStr,
         value: &[u8],
@@ -1137,6 +1156,9 @@ impl<S: BitmapSlice + Send + Sync> FileSystem for PassthroughFs<S> {
         let pathname = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
 
+        // locald-vmm patch 0007: with the caller's credentials, so the
+        // host's permission check applies to the guest's uid.
+        let (_uid, _gid) = set_creds(ctx.uid, ctx.gid)?;
         // The f{set,get,remove,list}xattr functions don't work on an fd opened with `O_PATH` so we
         // need to use the {set,get,remove,list}xattr variants.
         // Safe because this doesn't modify any memory and we check the return value.
@@ -1231,7 +1253,7 @@ impl<S: BitmapSlice + Send + Sync> FileSystem for PassthroughFs<S> {
         }
     }
 
-    fn removexattr(&self, _ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
+    fn removexattr(&self, ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
         if !self.cfg.xattr {
             return Err(enosys());
         }
@@ -1243,6 +1265,8 @@ impl<S: BitmapSlice + Send + Sync> FileSystem for PassthroughFs<S> {
 
         // The f{set,get,remove,list}xattr functions don't work on an fd opened with `O_PATH` so we
         // need to use the {set,get,remove,list}xattr variants.
+        // locald-vmm patch 0007: with the caller's credentials.
+        let (_uid, _gid) = set_creds(ctx.uid, ctx.gid)?;
         // Safe because this doesn't modify any memory and we check the return value.
         let res = unsafe { libc::removexattr(pathname.as_ptr(), name.as_ptr()) };
         if res == 0 {

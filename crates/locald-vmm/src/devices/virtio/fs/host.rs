@@ -45,22 +45,27 @@ impl HostMount {
             let server = server.clone();
             let h = std::thread::Builder::new()
                 .name(format!("fuse-host-{i}"))
-                .spawn(move || loop {
-                    match ch.get_request() {
-                        Ok(Some((reader, writer))) => {
-                            if let Err(e) = server.handle_message(reader, writer.into(), None, None)
-                            {
-                                if let fuse_backend_rs::Error::EncodeMessage(_) = e {
-                                    // The kernel went away (unmounted).
-                                    break;
+                .spawn(move || {
+                    // The same capabilities as the device's worker thread.
+                    super::caps::drop_for_server_thread("host fuse server");
+                    loop {
+                        match ch.get_request() {
+                            Ok(Some((reader, writer))) => {
+                                if let Err(e) =
+                                    server.handle_message(reader, writer.into(), None, None)
+                                {
+                                    if let fuse_backend_rs::Error::EncodeMessage(_) = e {
+                                        // The kernel went away (unmounted).
+                                        break;
+                                    }
+                                    tracing::debug!("host fuse: {e}");
                                 }
-                                tracing::debug!("host fuse: {e}");
                             }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::debug!("host fuse channel: {e}");
-                            break;
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::debug!("host fuse channel: {e}");
+                                break;
+                            }
                         }
                     }
                 })?;

@@ -15,9 +15,11 @@
 //! one worker thread (both queues), so requests are served one at a time
 //! in order.
 
+pub mod caps;
 pub mod config;
 pub mod host;
 pub mod share;
+pub mod xattr;
 
 use std::sync::Arc;
 
@@ -99,6 +101,12 @@ pub struct FsHandler {
 }
 
 impl QueueHandler for FsHandler {
+    /// On the worker thread, before the first request: a root VMM keeps
+    /// only the capabilities serving a share needs (`caps.rs`).
+    fn init(&mut self, _ops: &mut event_manager::EventOps) {
+        caps::drop_for_server_thread("virtio-fs worker");
+    }
+
     fn process_queue(&mut self, index: usize) {
         if self.broken {
             return;

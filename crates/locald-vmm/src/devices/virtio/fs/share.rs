@@ -14,7 +14,13 @@
 //!   tree with `EROFS`;
 //! - **no device nodes, no set-id files**: `mknod` of a character or block
 //!   device gives `EPERM`; set-user-id (and, on non-directories,
-//!   set-group-id) bits are dropped from every mode the guest sets;
+//!   set-group-id) bits are dropped from every mode the guest sets, the
+//!   file type taken from the host inode (`fstat`), never from the mode
+//!   bits of the request;
+//! - **xattrs**: `user.*` only may be set; `security.*` is read-only,
+//!   `trusted.*` hidden, ACLs unsupported (`xattr.rs`); sizes the guest
+//!   asks for are capped;
+//! - **open flags**: an allow-list; `O_PATH` and `O_TMPFILE` are `EINVAL`;
 //! - **ids**: a VMM running as root creates files with the guest caller's
 //!   uid/gid; any other host user serves every request as itself;
 //! - **bounded host fds**: at most `max_inodes` inodes (one `O_PATH` fd
@@ -43,6 +49,8 @@ use fuse_backend_rs::api::filesystem::{
     ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+
+use super::xattr;
 
 /// FUSE inode number of the share root.
 pub const ROOT_INODE: u64 = 1;
@@ -231,14 +239,52 @@ fn mount_of(path: &CStr) -> io::Result<(u64, u64)> {
     Ok((stx.stx_mnt_id, dev))
 }
 
-/// Drops set-id bits the guest may not plant on the host.
-fn safe_mode(mode: u32) -> u32 {
+/// Drops set-id bits the guest may not plant on the host: set-user-id
+/// always, set-group-id unless the host inode is a directory. `is_dir` is
+/// the host inode's real type (from `fstat`, or the kind of object being
+/// made), never the type bits of a guest-supplied mode.
+fn safe_mode(mode: u32, is_dir: bool) -> u32 {
     let mut m = mode & !libc::S_ISUID;
-    if m & libc::S_IFMT != libc::S_IFDIR {
+    if !is_dir {
         m &= !libc::S_ISGID;
     }
     m
 }
+
+/// Open flags a guest may pass to OPEN and CREATE; anything else (the
+/// guest kernel's internal `__FMODE_EXEC`, unknown bits) is cleared.
+const GUEST_OPEN_FLAGS: i32 = libc::O_ACCMODE
+    | libc::O_CREAT
+    | libc::O_EXCL
+    | libc::O_NOCTTY
+    | libc::O_TRUNC
+    | libc::O_APPEND
+    | libc::O_NONBLOCK
+    | libc::O_DSYNC
+    | libc::O_SYNC
+    | libc::O_DIRECT
+    | libc::O_LARGEFILE
+    | libc::O_DIRECTORY
+    | libc::O_NOFOLLOW
+    | libc::O_NOATIME
+    | libc::O_CLOEXEC
+    | libc::O_ASYNC;
+
+/// The open flags the server uses for `flags` from the guest: `O_PATH`
+/// (which makes the kernel ignore `O_CREAT|O_EXCL` and follow a final
+/// symlink) and `O_TMPFILE` are `EINVAL`; the rest is masked to
+/// [`GUEST_OPEN_FLAGS`].
+pub fn guest_open_flags(flags: u32) -> io::Result<u32> {
+    let f = flags as i32;
+    if f & libc::O_PATH != 0 || f & libc::O_TMPFILE == libc::O_TMPFILE {
+        return Err(err(libc::EINVAL));
+    }
+    Ok((f & GUEST_OPEN_FLAGS) as u32)
+}
+
+/// Largest READDIR/READDIRPLUS buffer the server fills at once (the
+/// guest's 256-page requests): a guest asking for more gets at most this.
+pub const MAX_READDIR_SIZE: u32 = 1 << 20;
 
 /// Open flags that can change a file.
 const WRITE_OPEN_FLAGS: u32 =
@@ -332,16 +378,9 @@ impl ShareFs {
         if e.attr.st_mode & libc::S_IFMT != libc::S_IFDIR || e.inode == ROOT_INODE {
             return true;
         }
-        let Ok(path) = self.inner.readlinkat_proc_file(e.inode) else {
-            return false;
-        };
-        if !path.starts_with(&self.opts.root) {
-            return false;
-        }
-        let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-            return false;
-        };
-        matches!(mount_of(&c), Ok((mnt, _)) if mnt == self.root_mnt)
+        // From the inode's own fd (fuse-backend-rs patch 0003), never from
+        // a path the guest could change between the check and the use.
+        matches!(self.inner.inode_mount_id(e.inode), Ok(mnt) if mnt == self.root_mnt)
     }
 
     /// Accounts for an entry the inner fs returned (its lookup count went
@@ -476,7 +515,10 @@ impl FileSystem for ShareFs {
     ) -> io::Result<(stat64, Duration)> {
         self.writable()?;
         if valid.contains(SetattrValid::MODE) {
-            attr.st_mode = safe_mode(attr.st_mode);
+            // The host inode's real type, not the guest's S_IFMT bits.
+            let real = self.inner.inode_stat(inode)?;
+            let is_dir = real.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            attr.st_mode = safe_mode(attr.st_mode, is_dir);
         }
         self.inner.setattr(ctx, inode, attr, handle, valid)
     }
@@ -511,9 +553,10 @@ impl FileSystem for ShareFs {
         if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
             return Err(err(libc::EPERM));
         }
+        // mknod never makes a directory.
         let e = self
             .inner
-            .mknod(ctx, inode, name, safe_mode(mode), rdev, umask)?;
+            .mknod(ctx, inode, name, safe_mode(mode, false), rdev, umask)?;
         self.admit(ctx, e)
     }
 
@@ -573,6 +616,7 @@ impl FileSystem for ShareFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let flags = guest_open_flags(flags)?;
         if flags & WRITE_OPEN_FLAGS != 0 {
             self.writable()?;
         }
@@ -592,8 +636,10 @@ impl FileSystem for ShareFs {
         mut args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.writable()?;
+        args.flags = guest_open_flags(args.flags)?;
         self.take_handle()?;
-        args.mode = safe_mode(args.mode);
+        // CREATE makes a regular file, whatever S_IFMT the request says.
+        args.mode = safe_mode(args.mode, false);
         let (e, h, o, x) = match self.inner.create(ctx, parent, name, args) {
             Ok(r) => r,
             Err(e) => {
@@ -716,6 +762,7 @@ impl FileSystem for ShareFs {
         flags: u32,
     ) -> io::Result<()> {
         self.writable()?;
+        xattr::check_set(name.to_bytes())?;
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -726,15 +773,23 @@ impl FileSystem for ShareFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        self.inner.getxattr(ctx, inode, name, size)
+        xattr::check_get(name.to_bytes())?;
+        let r = self
+            .inner
+            .getxattr(ctx, inode, name, xattr::get_size(size))?;
+        xattr::check_reply(r, size)
     }
 
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        self.inner.listxattr(ctx, inode, size)
+        // The whole list (the kernel's own bound), then only the names the
+        // guest may read, sized as it asked.
+        let all = self.inner.listxattr(ctx, inode, xattr::XATTR_LIST_MAX)?;
+        xattr::filter_list(all, size)
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
         self.writable()?;
+        xattr::check_remove(name.to_bytes())?;
         self.inner.removexattr(ctx, inode, name)
     }
 
@@ -761,6 +816,7 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        let size = size.min(MAX_READDIR_SIZE);
         self.inner
             .readdir(ctx, inode, handle, size, offset, add_entry)
     }
@@ -774,6 +830,7 @@ impl FileSystem for ShareFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        let size = size.min(MAX_READDIR_SIZE);
         self.inner
             .readdirplus(ctx, inode, handle, size, offset, &mut |d, e| {
                 let ino = e.inode;

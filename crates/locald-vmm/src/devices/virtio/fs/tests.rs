@@ -65,8 +65,11 @@ fn c(s: &str) -> CString {
     CString::new(s).unwrap()
 }
 
-fn errno<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
-    r.expect_err("expected an error").raw_os_error().unwrap()
+fn errno<T>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => panic!("expected an error, got success"),
+        Err(e) => e.raw_os_error().unwrap(),
+    }
 }
 
 fn read_all(fs: &ShareFs, inode: u64) -> std::io::Result<Vec<u8>> {
@@ -552,4 +555,481 @@ fn readdir_reports_host_inode_numbers_without_lookups() {
     }
     // A plain listing takes no inode references.
     assert_eq!(fs.inode_count(), 1);
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The host's value of xattr `name` on `path` (None: absent).
+fn host_xattr(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
+    let p = c(path.to_str().unwrap());
+    let n = c(name);
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid NUL-terminated strings; `buf` is writable for its length.
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r >= 0).then(|| buf[..r as usize].to_vec())
+}
+
+fn host_setxattr(path: &std::path::Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let p = c(path.to_str().unwrap());
+    let n = c(name);
+    // SAFETY: valid NUL-terminated strings; `value` is readable for its length.
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A `security.capability` value (VFS_CAP_REVISION_2) granting CAP_SETUID.
+fn cap_setuid_xattr() -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&0x0200_0001u32.to_le_bytes()); // revision 2, effective
+    v.extend_from_slice(&(1u32 << 7).to_le_bytes()); // permitted[0]: CAP_SETUID
+    v.extend_from_slice(&0u32.to_le_bytes()); // inheritable[0]
+    v.extend_from_slice(&0u32.to_le_bytes()); // permitted[1]
+    v.extend_from_slice(&0u32.to_le_bytes()); // inheritable[1]
+    v
+}
+
+#[test]
+fn xattrs_only_user_namespace_is_writable() {
+    in_both_inode_modes(xattrs_only_user_namespace_is_writable_body);
+}
+
+fn xattrs_only_user_namespace_is_writable_body() {
+    let (_t, share) = setup("xattr");
+    let fs = fs(&share, false);
+    let ctx = Context::new(); // guest root
+    let f = fs.lookup(&ctx, ROOT_INODE, &c("file")).unwrap();
+    let host = share.join("file");
+    // Guest root cannot plant file capabilities, trusted.* or ACLs.
+    assert_eq!(
+        errno(fs.setxattr(
+            &ctx,
+            f.inode,
+            &c("security.capability"),
+            &cap_setuid_xattr(),
+            0
+        )),
+        libc::EPERM
+    );
+    assert_eq!(host_xattr(&host, "security.capability"), None);
+    assert_eq!(
+        errno(fs.setxattr(&ctx, f.inode, &c("security.selinux"), b"x\0", 0)),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(fs.setxattr(&ctx, f.inode, &c("trusted.overlay.opaque"), b"y", 0)),
+        libc::EPERM
+    );
+    assert_eq!(host_xattr(&host, "trusted.overlay.opaque"), None);
+    // A minimal valid ACL (version 2, no entries) is still refused.
+    assert_eq!(
+        errno(fs.setxattr(
+            &ctx,
+            f.inode,
+            &c("system.posix_acl_access"),
+            &2u32.to_le_bytes(),
+            0
+        )),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        errno(fs.setxattr(&ctx, f.inode, &c("bogus.x"), b"1", 0)),
+        libc::EOPNOTSUPP
+    );
+    // user.* works both ways.
+    fs.setxattr(&ctx, f.inode, &c("user.k"), b"v1", 0).unwrap();
+    assert_eq!(host_xattr(&host, "user.k").as_deref(), Some(&b"v1"[..]));
+    match fs.getxattr(&ctx, f.inode, &c("user.k"), 64).unwrap() {
+        fuse_backend_rs::api::filesystem::GetxattrReply::Value(v) => assert_eq!(v, b"v1"),
+        _ => panic!("value expected"),
+    }
+    // A host-set trusted.* (root only) is neither listed nor readable.
+    if is_root() {
+        host_setxattr(&host, "trusted.t", b"hidden").unwrap();
+        assert_eq!(
+            errno(fs.getxattr(&ctx, f.inode, &c("trusted.t"), 64)),
+            libc::ENODATA
+        );
+        match fs.listxattr(&ctx, f.inode, 4096).unwrap() {
+            fuse_backend_rs::api::filesystem::ListxattrReply::Names(v) => {
+                assert_eq!(v, b"user.k\0", "listed: {:?}", String::from_utf8_lossy(&v))
+            }
+            _ => panic!("names expected"),
+        }
+        // A host file's capabilities may be removed (lowers privilege).
+        host_setxattr(&host, "security.capability", &cap_setuid_xattr()).unwrap();
+        fs.removexattr(&ctx, f.inode, &c("security.capability"))
+            .unwrap();
+        assert_eq!(host_xattr(&host, "security.capability"), None);
+        assert_eq!(
+            errno(fs.removexattr(&ctx, f.inode, &c("trusted.t"))),
+            libc::EPERM
+        );
+        assert!(host_xattr(&host, "trusted.t").is_some());
+        // A guest user is checked by the host as itself: no user.* on a
+        // root-owned 0644 file (fuse-backend-rs patch 0007). (Explicit
+        // mode: the server clears the process umask.)
+        std::fs::set_permissions(&host, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let user = Context {
+            uid: 1000,
+            gid: 1000,
+            pid: 1,
+        };
+        assert_eq!(
+            errno(fs.setxattr(&user, f.inode, &c("user.k"), b"v2", 0)),
+            libc::EACCES
+        );
+        assert_eq!(host_xattr(&host, "user.k").as_deref(), Some(&b"v1"[..]));
+    }
+    fs.removexattr(&ctx, f.inode, &c("user.k")).unwrap();
+    assert_eq!(host_xattr(&host, "user.k"), None);
+}
+
+#[test]
+fn setid_policy_uses_the_host_inode_type() {
+    in_both_inode_modes(setid_policy_uses_the_host_inode_type_body);
+}
+
+fn setid_policy_uses_the_host_inode_type_body() {
+    use fuse_backend_rs::abi::fuse_abi::SetattrValid;
+    let (_t, share) = setup("setid-type");
+    let fs = fs(&share, false);
+    let ctx = Context::new();
+    let mode = |p: &str| std::fs::metadata(share.join(p)).unwrap().mode();
+    // CREATE whose mode claims a directory: still a regular file, no setgid.
+    let args = CreateIn {
+        flags: (libc::O_RDWR | libc::O_CREAT) as u32,
+        mode: libc::S_IFDIR | 0o2755,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let (e, h, _, _) = fs.create(&ctx, ROOT_INODE, &c("liar"), args).unwrap();
+    fs.release(&ctx, e.inode, 0, h.unwrap(), false, false, None)
+        .unwrap();
+    assert_eq!(mode("liar") & libc::S_IFMT, libc::S_IFREG);
+    assert_eq!(mode("liar") & 0o7777, 0o755);
+    // SETATTR of a regular file with a directory's type bits.
+    let mut a = e.attr;
+    a.st_mode = libc::S_IFDIR | 0o2755;
+    fs.setattr(&ctx, e.inode, a, None, SetattrValid::MODE)
+        .unwrap();
+    assert_eq!(mode("liar") & 0o7777, 0o755);
+    // The same on the existing file, through an open handle.
+    let f = fs.lookup(&ctx, ROOT_INODE, &c("file")).unwrap();
+    let (h, _, _) = fs.open(&ctx, f.inode, libc::O_RDWR as u32, 0).unwrap();
+    let mut a = f.attr;
+    a.st_mode = libc::S_IFDIR | 0o2755;
+    fs.setattr(&ctx, f.inode, a, h, SetattrValid::MODE).unwrap();
+    fs.release(&ctx, f.inode, 0, h.unwrap(), false, false, None)
+        .unwrap();
+    assert_eq!(mode("file") & 0o7777, 0o755);
+    // A real directory keeps setgid (new entries inherit its group), and a
+    // regular-file type in the request does not take it away.
+    let d = fs.lookup(&ctx, ROOT_INODE, &c("dir")).unwrap();
+    let mut a = d.attr;
+    a.st_mode = libc::S_IFREG | 0o2755;
+    fs.setattr(&ctx, d.inode, a, None, SetattrValid::MODE)
+        .unwrap();
+    assert_eq!(mode("dir") & 0o7777, 0o2755);
+    // mknod never keeps set-id bits, whatever the type says.
+    fs.mknod(&ctx, ROOT_INODE, &c("p"), libc::S_IFIFO | 0o6755, 0, 0)
+        .unwrap();
+    assert_eq!(mode("p") & 0o7777, 0o755);
+}
+
+#[test]
+fn share_root_is_the_fd_opened_at_start() {
+    in_both_inode_modes(share_root_is_the_fd_opened_at_start_body);
+}
+
+/// Nested shares: the guest of the outer share swaps a directory on the
+/// inner share's path for a symlink, then restarts the inner share's
+/// session (what a remount or device reset does).
+fn share_root_is_the_fd_opened_at_start_body() {
+    let (_t, share) = setup("rootfd");
+    let base = share.parent().unwrap().to_path_buf();
+    let outer = base.join("outer");
+    std::fs::create_dir_all(outer.join("inner")).unwrap();
+    std::fs::write(outer.join("inner/mine"), b"mine").unwrap();
+    std::fs::create_dir_all(base.join("evil/inner")).unwrap();
+    std::fs::write(base.join("evil/inner/secret"), b"secret").unwrap();
+    let fs = fs(&outer.join("inner"), false);
+    let ctx = Context::new();
+    std::fs::rename(&outer, base.join("outer.old")).unwrap();
+    std::os::unix::fs::symlink(base.join("evil"), &outer).unwrap();
+    for round in 0..3 {
+        fs.destroy();
+        fs.init(fuse_backend_rs::abi::fuse_abi::FsOptions::empty())
+            .unwrap();
+        assert_eq!(
+            errno(fs.lookup(&ctx, ROOT_INODE, &c("secret"))),
+            libc::ENOENT,
+            "round {round}: served the swapped-in directory"
+        );
+        let e = fs.lookup(&ctx, ROOT_INODE, &c("mine")).unwrap();
+        assert_eq!(
+            e.attr.st_ino,
+            std::fs::metadata(base.join("outer.old/inner/mine"))
+                .unwrap()
+                .ino()
+        );
+    }
+}
+
+#[test]
+fn open_flags_are_allow_listed() {
+    in_both_inode_modes(open_flags_are_allow_listed_body);
+}
+
+fn open_flags_are_allow_listed_body() {
+    let (_t, share) = setup("oflags");
+    let fs = fs(&share, false);
+    let ctx = Context::new();
+    let outside = share.parent().unwrap().join("outside");
+    let mk = |flags: i32| CreateIn {
+        flags: flags as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    // O_PATH makes the kernel drop O_CREAT|O_EXCL and follow `abs` out of
+    // the share: refused, for an existing link and for a new name.
+    for name in ["abs", "up", "nonexistent"] {
+        for extra in [0, libc::O_CREAT | libc::O_EXCL] {
+            assert_eq!(
+                errno(fs.create(&ctx, ROOT_INODE, &c(name), mk(libc::O_PATH | extra))),
+                libc::EINVAL,
+                "create({name}, O_PATH|{extra:#x})"
+            );
+        }
+    }
+    assert_eq!(
+        errno(fs.create(
+            &ctx,
+            ROOT_INODE,
+            &c("t"),
+            mk(libc::O_TMPFILE | libc::O_RDWR)
+        )),
+        libc::EINVAL
+    );
+    // Without O_PATH a symlink is never followed either.
+    assert!(fs
+        .create(
+            &ctx,
+            ROOT_INODE,
+            &c("abs"),
+            mk(libc::O_RDWR | libc::O_TRUNC)
+        )
+        .is_err());
+    assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
+    assert!(!share.join("nonexistent").exists());
+    assert_eq!(fs.handle_count(), 0);
+    // OPEN: O_PATH refused; unknown bits (e.g. the guest's __FMODE_EXEC,
+    // 0x20) are cleared instead of reaching the host.
+    let f = fs.lookup(&ctx, ROOT_INODE, &c("file")).unwrap();
+    assert_eq!(
+        errno(fs.open(&ctx, f.inode, libc::O_PATH as u32, 0)),
+        libc::EINVAL
+    );
+    let (h, _, _) = fs
+        .open(&ctx, f.inode, (libc::O_RDONLY | 0x20) as u32, 0)
+        .unwrap();
+    fs.release(&ctx, f.inode, 0, h.unwrap(), false, false, None)
+        .unwrap();
+    assert_eq!(fs.handle_count(), 0);
+}
+
+/// Runs `test` (a test of this binary) alone in a child process with its
+/// address space limited to what it has now plus 1 GiB: a 4 GiB allocation
+/// there aborts the child.
+fn in_memory_limited_child(test: &str) -> Option<std::process::ExitStatus> {
+    if std::env::var_os("LOCALD_FS_MEMLIMIT_CHILD").is_some() {
+        return None;
+    }
+    let st = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+        .env("LOCALD_FS_MEMLIMIT_CHILD", "1")
+        .status()
+        .unwrap();
+    Some(st)
+}
+
+fn limit_address_space() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let lim = libc::rlimit {
+        rlim_cur: vm_kib * 1024 + (1 << 30),
+        rlim_max: vm_kib * 1024 + (1 << 30),
+    };
+    // SAFETY: setrlimit reads only the rlimit we pass.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
+}
+
+#[test]
+fn guest_sized_buffers_are_capped() {
+    let name = "devices::virtio::fs::tests::guest_sized_buffers_are_capped";
+    if let Some(st) = in_memory_limited_child(name) {
+        assert!(st.success(), "child under a memory limit: {st}");
+        return;
+    }
+    limit_address_space();
+    let (_t, share) = setup("caps-size");
+    let fs = fs(&share, false);
+    let ctx = Context::new();
+    let f = fs.lookup(&ctx, ROOT_INODE, &c("file")).unwrap();
+    fs.setxattr(&ctx, f.inode, &c("user.a"), b"1234", 0)
+        .unwrap();
+    match fs.getxattr(&ctx, f.inode, &c("user.a"), u32::MAX).unwrap() {
+        fuse_backend_rs::api::filesystem::GetxattrReply::Value(v) => assert_eq!(v, b"1234"),
+        _ => panic!("value expected"),
+    }
+    match fs.listxattr(&ctx, f.inode, u32::MAX).unwrap() {
+        fuse_backend_rs::api::filesystem::ListxattrReply::Names(v) => {
+            assert!(v.windows(7).any(|w| w == b"user.a\0"))
+        }
+        _ => panic!("names expected"),
+    }
+    let (h, _) = fs.opendir(&ctx, ROOT_INODE, 0).unwrap();
+    let mut n = 0;
+    fs.readdir(&ctx, ROOT_INODE, h.unwrap(), u32::MAX, 0, &mut |_| {
+        n += 1;
+        Ok(1)
+    })
+    .unwrap();
+    // file, dir, up, abs, fd (the server leaves out `.` and `..`).
+    assert_eq!(n, 5, "{n} entries");
+    let mut n = 0;
+    fs.readdirplus(&ctx, ROOT_INODE, h.unwrap(), u32::MAX, 0, &mut |_, _| {
+        n += 1;
+        Ok(1)
+    })
+    .unwrap();
+    assert_eq!(n, 5, "{n} entries");
+    fs.releasedir(&ctx, ROOT_INODE, 0, h.unwrap()).unwrap();
+}
+
+#[test]
+fn guest_user_creates_every_kind_in_both_inode_modes() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to serve a guest uid");
+        return;
+    }
+    in_both_inode_modes(guest_user_creates_every_kind_body);
+}
+
+/// A non-root guest user (uid 1000) in a world-writable directory:
+/// mkdir, symlink, create (new and existing), mknod, link, rename all
+/// work, owned by that user (fuse-backend-rs patch 0005: in file-handle
+/// mode mkdir and symlink used to fail with EPERM).
+fn guest_user_creates_every_kind_body() {
+    let (_t, share) = setup("guest-user");
+    std::fs::create_dir(share.join("pub")).unwrap();
+    std::fs::set_permissions(
+        share.join("pub"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let fs = fs(&share, false);
+    let root = Context::new();
+    let u = Context {
+        uid: 1000,
+        gid: 1000,
+        pid: 1,
+    };
+    let d = fs.lookup(&root, ROOT_INODE, &c("pub")).unwrap().inode;
+    fs.mkdir(&u, d, &c("sub"), 0o755, 0).unwrap();
+    fs.symlink(&u, &c("target"), d, &c("ln")).unwrap();
+    fs.mknod(&u, d, &c("fifo"), libc::S_IFIFO | 0o644, 0, 0)
+        .unwrap();
+    let args = |flags: i32| CreateIn {
+        flags: flags as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let (e, h, _, _) = fs
+        .create(&u, d, &c("f"), args(libc::O_RDWR | libc::O_CREAT))
+        .unwrap();
+    fs.release(&u, e.inode, 0, h.unwrap(), false, false, None)
+        .unwrap();
+    // CREATE of a name that exists (no O_EXCL) opens it as the user.
+    let (e2, h2, _, _) = fs
+        .create(&u, d, &c("f"), args(libc::O_RDWR | libc::O_CREAT))
+        .unwrap();
+    assert_eq!(e2.attr.st_ino, e.attr.st_ino);
+    fs.release(&u, e2.inode, 0, h2.unwrap(), false, false, None)
+        .unwrap();
+    // ... and is refused where the host refuses that user.
+    std::fs::write(share.join("pub/rootonly"), b"r").unwrap();
+    std::fs::set_permissions(
+        share.join("pub/rootonly"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    assert_eq!(
+        errno(fs.create(&u, d, &c("rootonly"), args(libc::O_RDWR | libc::O_CREAT))),
+        libc::EACCES
+    );
+    fs.link(&u, e.inode, d, &c("f2")).unwrap();
+    fs.rename(&u, d, &c("f2"), d, &c("f3"), 0).unwrap();
+    for name in ["sub", "ln", "fifo", "f", "f3"] {
+        let m = std::fs::symlink_metadata(share.join("pub").join(name)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (1000, 1000), "{name}");
+    }
+}
+
+#[test]
+fn rename_then_link_without_dac_read_search() {
+    // fd inode mode only: file handles need CAP_DAC_READ_SEARCH anyway.
+    let (_t, share) = setup("link-nocap");
+    let fs = fs(&share, false);
+    std::thread::spawn(move || {
+        let ctx = Context::new();
+        let mut fails = Vec::new();
+        let dir = fs.lookup(&ctx, ROOT_INODE, &c("dir")).unwrap().inode;
+        let f = fs.lookup(&ctx, ROOT_INODE, &c("file")).unwrap().inode;
+        // From here on this thread has another credentials object and no
+        // CAP_DAC_READ_SEARCH (what a non-root VMM, or one in a container
+        // without it, has).
+        super::caps::drop_effective_for_test(super::caps::cap::DAC_READ_SEARCH).unwrap();
+        for i in 0..300 {
+            fs.rename(&ctx, ROOT_INODE, &c("file"), dir, &c("moved"), 0)
+                .unwrap();
+            if let Err(e) = fs.link(&ctx, f, ROOT_INODE, &c("hard")) {
+                fails.push((i, e.raw_os_error()));
+            } else {
+                fs.unlink(&ctx, ROOT_INODE, &c("hard")).unwrap();
+            }
+            fs.rename(&ctx, dir, &c("moved"), ROOT_INODE, &c("file"), 0)
+                .unwrap();
+        }
+        assert!(
+            fails.is_empty(),
+            "{} of 300 links failed: {:?}",
+            fails.len(),
+            &fails[..fails.len().min(5)]
+        );
+    })
+    .join()
+    .unwrap();
+    assert_eq!(std::fs::read(share.join("file")).unwrap(), b"inside");
 }
