@@ -14,10 +14,13 @@ for p in "${pkgs[@]}"; do
 done
 if [ ${#missing[@]} -eq 0 ]; then
   echo "setup-host: all packages present"
-  exit 0
+else
+  echo "setup-host: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
-echo "setup-host: installing ${missing[*]}"
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+# pjdfstest (crates.io), the POSIX conformance suite run against the
+# virtio-fs server's host mount (virtio_fs_host::pjdfstest_conformance).
+"$(dirname "$0")/install-fs-conformance.sh"
