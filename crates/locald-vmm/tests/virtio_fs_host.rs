@@ -10,14 +10,19 @@ use std::process::Command;
 use locald_vmm::devices::virtio::fs::host::HostMount;
 use locald_vmm::devices::virtio::fs::{ShareCache, ShareFsOptions};
 
+#[path = "../src/test_support.rs"]
+mod test_support;
+use test_support::{skip, Why};
+
+/// Host mounts need `/dev/fuse` and root; otherwise the test skips (and
+/// fails in strict mode).
 fn usable() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !Path::new("/dev/fuse").exists() || !root {
-        eprintln!(
-            "SKIP virtio_fs_host: needs /dev/fuse and root (have /dev/fuse: {}, root: {root})",
-            Path::new("/dev/fuse").exists()
-        );
+    if !Path::new("/dev/fuse").exists() {
+        skip(Why::Missing("/dev/fuse"));
+        return false;
+    }
+    if !test_support::is_root() {
+        skip(Why::NotRoot("host FUSE mounts"));
         return false;
     }
     true
@@ -186,10 +191,13 @@ fn large_directory_and_fd_bound() {
     let o = ShareFsOptions::new(&d.share, false, ShareCache::Auto);
     if o.max_inodes < 110_000 {
         eprintln!(
-            "NOTE large_directory_and_fd_bound: fd limit too small and no \
-             CAP_DAC_READ_SEARCH (inode bound {}): skipping the 100 000-entry ls -l",
+            "large_directory_and_fd_bound: fd limit too small and no \
+             CAP_DAC_READ_SEARCH (inode bound {})",
             o.max_inodes
         );
+        skip(Why::NotRoot(
+            "CAP_DAC_READ_SEARCH for the 100 000-entry ls -l",
+        ));
         return;
     }
     let handles = o.inode_handles;
@@ -485,7 +493,9 @@ fn pjdfstest_conformance() {
                 .find(|p| p.exists())
         });
     let Some(bin) = bin else {
-        eprintln!("SKIPPED: pjdfstest not installed (scripts/install-fs-conformance.sh)");
+        skip(Why::Missing(
+            "pjdfstest (scripts/install-fs-conformance.sh)",
+        ));
         return;
     };
     let d = dirs("pjdfstest");
@@ -508,7 +518,9 @@ fn pjdfstest_conformance() {
     .unwrap();
     for handles in [false, true] {
         if handles && !locald_vmm::devices::virtio::fs::share::can_open_by_handle() {
-            eprintln!("NOTE: no CAP_DAC_READ_SEARCH: pjdfstest not run with file-handle inodes");
+            skip(Why::NotRoot(
+                "CAP_DAC_READ_SEARCH: pjdfstest with file-handle inodes",
+            ));
             continue;
         }
         for e in std::fs::read_dir(&d.share).unwrap() {

@@ -378,7 +378,9 @@ fn busybox_rejects_dynamic_host_binary() {
 #[test]
 fn real_initramfs() {
     if !is_static_file(Path::new(HOST_BUSYBOX)) {
-        eprintln!("skipping: {HOST_BUSYBOX} is not a static busybox");
+        crate::test_support::skip(crate::test_support::Why::Missing(
+            "static busybox (busybox-static)",
+        ));
         return;
     }
     let cache = temp_dir("initramfs-real");

@@ -11,6 +11,7 @@ use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 
 use super::share::ROOT_INODE;
 use super::*;
+use crate::test_support::{skip, Why};
 
 struct Tmp(PathBuf);
 impl Drop for Tmp {
@@ -44,7 +45,7 @@ thread_local! {
 fn in_both_inode_modes(body: fn()) {
     for handles in [false, true] {
         if handles && !share::can_open_by_handle() {
-            eprintln!("NOTE: no CAP_DAC_READ_SEARCH: file-handle inode mode not tested");
+            skip(Why::NotRoot("CAP_DAC_READ_SEARCH: file-handle inode mode"));
             continue;
         }
         HANDLES.with(|h| h.set(handles));
@@ -364,9 +365,8 @@ fn mount_points_under_the_share_are_not_crossed() {
 }
 
 fn mount_points_under_the_share_are_not_crossed_body() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP mount_points_under_the_share_are_not_crossed: needs root to bind-mount");
+    if !is_root() {
+        skip(Why::NotRoot("bind mounts"));
         return;
     }
     let (_t, share) = setup("mnt");
@@ -388,10 +388,9 @@ fn mount_points_under_the_share_are_not_crossed_body() {
         )
     };
     if rc != 0 {
-        eprintln!(
-            "SKIP mount_points_under_the_share_are_not_crossed: bind mount failed: {}",
-            std::io::Error::last_os_error()
-        );
+        let e = std::io::Error::last_os_error();
+        eprintln!("bind mount failed: {e}");
+        skip(Why::NotRoot("CAP_SYS_ADMIN for bind mounts"));
         return;
     }
     let fs = fs(&share, false);
@@ -930,7 +929,7 @@ fn guest_sized_buffers_are_capped() {
 #[test]
 fn guest_user_creates_every_kind_in_both_inode_modes() {
     if !is_root() {
-        eprintln!("SKIPPED: needs root to serve a guest uid");
+        skip(Why::NotRoot("serving a guest uid"));
         return;
     }
     in_both_inode_modes(guest_user_creates_every_kind_body);
