@@ -648,15 +648,29 @@ fn tap_backend_round_trips_frames_in_a_private_netns() {
         )
     });
     assert_eq!(reply, Some([10, 231, 0, 1]));
-    // A created TAP gets a kernel-chosen name and is up.
-    let name = ns.run(|| {
+    // A created TAP gets a kernel-chosen name and is up. (Its flags are
+    // read with `ip` run from inside the namespace: /sys/class/net shows
+    // the namespace sysfs was mounted in, not this thread's.)
+    let (name, link) = ns.run(|| {
         let t = tap::Tap::open(None).unwrap();
         let n = t.name().to_string();
-        let flags =
-            std::fs::read_to_string(format!("/sys/class/net/{n}/flags")).unwrap_or_default();
-        (n, flags)
+        let out = std::process::Command::new("ip")
+            .args(["-o", "link", "show", "dev", &n])
+            .output()
+            .unwrap();
+        (n, String::from_utf8_lossy(&out.stdout).into_owned())
     });
-    assert!(name.0.starts_with("ldtap"), "{name:?}");
+    assert!(name.starts_with("ldtap"), "{name:?}");
+    // `5: ldtap0: <NO-CARRIER,BROADCAST,MULTICAST,UP> mtu …`: UP is IFF_UP.
+    let flags = link
+        .split_once('<')
+        .and_then(|(_, r)| r.split_once('>'))
+        .map(|(f, _)| f.split(',').map(str::to_string).collect::<Vec<_>>())
+        .unwrap_or_else(|| panic!("no flags for {name} in {link:?}"));
+    assert!(
+        flags.iter().any(|f| f == "UP"),
+        "created TAP {name} is not up: {link:?}"
+    );
 }
 
 fn have_passt() -> bool {
