@@ -93,7 +93,7 @@ run() { # NAME NETSPEC SERVER_ADDR GUEST_DEST — one boot, both directions
 for b in $BACKENDS; do
   case $b in
   tap) run tap "tap=ldbt0,ip=10.78.0.2/24,gw=10.78.0.1" 10.78.0.1 10.78.0.1 ;;
-  passt) run passt "user" 127.0.0.1 10.234.0.1 ;;
+  passt) run passt "user,host-loopback=on" 127.0.0.1 10.234.0.1 ;;
   *) echo "unknown backend $b" >&2 ;;
   esac
 done

@@ -137,12 +137,20 @@ fn net_spec(c: &NetConfig) -> String {
             }
         }
     }
-    if let NetBackendConfig::User { publish, offload } = &c.backend {
+    if let NetBackendConfig::User {
+        publish,
+        offload,
+        host_loopback,
+    } = &c.backend
+    {
         for (h, g) in publish {
             s += &format!(",publish={h}:{g}");
         }
         if *offload {
             s += ",offload=on";
+        }
+        if *host_loopback {
+            s += ",host-loopback=on";
         }
     }
     s

@@ -114,6 +114,7 @@ fuzz_target!(|data: &[u8]| {
         connect_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(5),
         max_connections: 64,
+        max_guest_connections: 48,
     };
     let mut muxer = Muxer::new(GUEST, env.uds.clone(), cfg).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();

@@ -288,7 +288,7 @@ fn passt_guest_dhcp_loopback_publish_and_link_down() {
     let child = ns.vmm(&[
         "run",
         "--net",
-        "user,publish=18081:8080,offload=on",
+        "user,publish=18081:8080,offload=on,host-loopback=on",
         "--timeout",
         "500",
         "--",

@@ -13,10 +13,13 @@ pub enum NetBackendConfig {
     /// User-mode networking through a `passt` process we spawn;
     /// `publish` maps host loopback TCP ports to guest ports; `offload`
     /// offers the guest checksum/TSO offloads that the VMM completes in
-    /// software (opt-in, see docs/virtio-net.md).
+    /// software (opt-in, see docs/virtio-net.md); `host_loopback` lets the
+    /// guest reach the host's loopback services at the gateway address
+    /// (passt's gateway mapping; off by default: the guest is untrusted).
     User {
         publish: Vec<(u16, u16)>,
         offload: bool,
+        host_loopback: bool,
     },
 }
 
@@ -69,7 +72,8 @@ impl NetConfig {
 
     /// Parses `tap[=NAME]|user` followed by `,mac=XX:…`, `,ip=ADDR/PREFIX`
     /// (or `ip=dhcp`, `ip=none`), `,gw=ADDR`, `,dns=ADDR` and, for `user`,
-    /// `,publish=HOST_PORT:GUEST_PORT` (repeatable).
+    /// `,publish=HOST_PORT:GUEST_PORT` (repeatable), `,offload=on|off` and
+    /// `,host-loopback=on|off`.
     pub fn parse(spec: &str) -> Result<Self, NetSpecError> {
         let bad = |why: String| NetSpecError {
             spec: spec.to_string(),
@@ -82,6 +86,7 @@ impl NetConfig {
             None if kind == "user" => NetBackendConfig::User {
                 publish: Vec::new(),
                 offload: false,
+                host_loopback: false,
             },
             Some(("tap", name)) => {
                 if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
@@ -159,9 +164,23 @@ impl NetConfig {
                         _ => return Err(bad(format!("offload '{v}' must be on or off"))),
                     };
                 }
+                Some(("host-loopback", v)) => {
+                    let NetBackendConfig::User { host_loopback, .. } = &mut cfg.backend else {
+                        return Err(bad(
+                            "host-loopback= is for 'user' (a TAP reaches what you route to it)"
+                                .into(),
+                        ));
+                    };
+                    *host_loopback = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad(format!("host-loopback '{v}' must be on or off"))),
+                    };
+                }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option '{opt}' (use mac=, ip=, gw=, dns=, publish= or offload=)"
+                        "unknown option '{opt}' (use mac=, ip=, gw=, dns=, publish=, offload= \
+                         or host-loopback=)"
                     )))
                 }
             }
@@ -259,14 +278,39 @@ mod tests {
             NetBackendConfig::User {
                 publish: Vec::new(),
                 offload: false,
-            }
+                host_loopback: false,
+            },
+            "host loopback is off unless asked for"
         );
+        let c = NetConfig::parse("user,host-loopback=on").unwrap();
+        assert!(matches!(
+            c.backend,
+            NetBackendConfig::User {
+                host_loopback: true,
+                offload: false,
+                ..
+            }
+        ));
+        let c = NetConfig::parse("user,host-loopback=on,host-loopback=off").unwrap();
+        assert!(matches!(
+            c.backend,
+            NetBackendConfig::User {
+                host_loopback: false,
+                ..
+            }
+        ));
         let c = NetConfig::parse("user,offload=on").unwrap();
         assert!(matches!(
             c.backend,
             NetBackendConfig::User { offload: true, .. }
         ));
-        for bad in ["user,offload=yes", "tap,offload=on"] {
+        for bad in [
+            "user,offload=yes",
+            "tap,offload=on",
+            "user,host-loopback=yes",
+            "user,host-loopback",
+            "tap,host-loopback=on",
+        ] {
             assert!(NetConfig::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(c.guest, GuestNet::Dhcp);
@@ -278,6 +322,7 @@ mod tests {
             NetBackendConfig::User {
                 publish: vec![(8080, 80), (2222, 22)],
                 offload: false,
+                host_loopback: false,
             }
         );
         assert_eq!(c.mac, [2, 0, 0, 0, 0, 9]);

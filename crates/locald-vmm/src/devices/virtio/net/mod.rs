@@ -613,13 +613,16 @@ impl Net {
     pub fn from_config(cfg: &NetConfig) -> Result<Self, NetError> {
         let backend: Box<dyn NetBackend> = match &cfg.backend {
             NetBackendConfig::Tap { name } => Box::new(tap::Tap::open(name.as_deref())?),
-            NetBackendConfig::User { publish, offload } => {
-                Box::new(passt::Passt::spawn(&passt::PasstOptions {
-                    publish: publish.clone(),
-                    offload: *offload,
-                    ..Default::default()
-                })?)
-            }
+            NetBackendConfig::User {
+                publish,
+                offload,
+                host_loopback,
+            } => Box::new(passt::Passt::spawn(&passt::PasstOptions {
+                publish: publish.clone(),
+                offload: *offload,
+                host_loopback: *host_loopback,
+                ..Default::default()
+            })?),
         };
         tracing::info!(
             "{DEV}: MAC {} on {}",

@@ -62,6 +62,36 @@ pub struct PasstOptions {
     pub extra_args: Vec<String>,
     /// Offer the guest checksum/TSO offloads, completed in software.
     pub offload: bool,
+    /// Let the guest reach host loopback at the gateway address (passt's
+    /// `--map-gw`, its default). Off: `--no-map-gw`, so the gateway is
+    /// only a gateway and nothing bound to the host's 127.0.0.1 (other
+    /// VMs' published ports, databases, …) is reachable from the guest.
+    pub host_loopback: bool,
+}
+
+/// passt's arguments for `opts`, socket descriptor `fd` (without the binary).
+pub fn passt_args(opts: &PasstOptions, fd: RawFd) -> Vec<String> {
+    let mut a: Vec<String> = ["--foreground", "--quiet", "--one-off", "--ipv4-only"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend([
+        "--mtu".into(),
+        MTU.to_string(),
+        "--fd".into(),
+        fd.to_string(),
+    ]);
+    if !opts.host_loopback {
+        a.push("--no-map-gw".into());
+    }
+    for (h, g) in &opts.publish {
+        a.extend(["-t".into(), format!("127.0.0.1/{h}:{g}")]);
+    }
+    if opts.publish.is_empty() {
+        a.extend(["-t", "none", "-u", "none"].map(String::from));
+    }
+    a.extend(opts.extra_args.iter().cloned());
+    a
 }
 
 /// A running passt and our end of its socket.
@@ -120,16 +150,7 @@ impl Passt {
             .unwrap_or_else(|| PathBuf::from("passt"));
         let child_fd = theirs.as_raw_fd();
         let mut cmd = Command::new(&binary);
-        cmd.args(["--foreground", "--quiet", "--one-off", "--ipv4-only"])
-            .args(["--mtu", &MTU.to_string()])
-            .args(["--fd", &child_fd.to_string()]);
-        for (h, g) in &opts.publish {
-            cmd.args(["-t", &format!("127.0.0.1/{h}:{g}")]);
-        }
-        if opts.publish.is_empty() {
-            cmd.args(["-t", "none", "-u", "none"]);
-        }
-        cmd.args(&opts.extra_args)
+        cmd.args(passt_args(opts, child_fd))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());

@@ -648,15 +648,29 @@ fn tap_backend_round_trips_frames_in_a_private_netns() {
         )
     });
     assert_eq!(reply, Some([10, 231, 0, 1]));
-    // A created TAP gets a kernel-chosen name and is up.
-    let name = ns.run(|| {
+    // A created TAP gets a kernel-chosen name and is up. (Its flags are
+    // read with `ip` run from inside the namespace: /sys/class/net shows
+    // the namespace sysfs was mounted in, not this thread's.)
+    let (name, link) = ns.run(|| {
         let t = tap::Tap::open(None).unwrap();
         let n = t.name().to_string();
-        let flags =
-            std::fs::read_to_string(format!("/sys/class/net/{n}/flags")).unwrap_or_default();
-        (n, flags)
+        let out = std::process::Command::new("ip")
+            .args(["-o", "link", "show", "dev", &n])
+            .output()
+            .unwrap();
+        (n, String::from_utf8_lossy(&out.stdout).into_owned())
     });
-    assert!(name.0.starts_with("ldtap"), "{name:?}");
+    assert!(name.starts_with("ldtap"), "{name:?}");
+    // `5: ldtap0: <NO-CARRIER,BROADCAST,MULTICAST,UP> mtu …`: UP is IFF_UP.
+    let flags = link
+        .split_once('<')
+        .and_then(|(_, r)| r.split_once('>'))
+        .map(|(f, _)| f.split(',').map(str::to_string).collect::<Vec<_>>())
+        .unwrap_or_else(|| panic!("no flags for {name} in {link:?}"));
+    assert!(
+        flags.iter().any(|f| f == "UP"),
+        "created TAP {name} is not up: {link:?}"
+    );
 }
 
 fn have_passt() -> bool {
@@ -734,4 +748,115 @@ fn passt_backend_round_trips_frames_and_its_death_is_reported() {
     });
     assert_eq!(reply, Some([10, 232, 0, 1]));
     assert!(died.contains("passt"), "{died}");
+}
+
+/// A TCP SYN from `mac`/`src` port 40001 to `dst`:`port`, with a zero
+/// virtio-net header in front and both checksums computed here (a plain
+/// RFC 1071 sum, independent of `segment.rs`).
+fn tcp_syn(mac: [u8; 6], src: [u8; 4], dst: [u8; 4], port: u16) -> Vec<u8> {
+    fn csum(words: &[u8]) -> u16 {
+        let mut s: u32 = 0;
+        for w in words.chunks(2) {
+            s += u32::from(w[0]) << 8 | u32::from(*w.get(1).unwrap_or(&0));
+        }
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        !(s as u16)
+    }
+    let mut f = vec![0u8; 14 + 20 + 20];
+    f[..6].fill(0xff); // passt takes any destination MAC
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&40u16.to_be_bytes());
+    f[20] = 0x40;
+    f[22] = 64;
+    f[23] = 6;
+    f[26..30].copy_from_slice(&src);
+    f[30..34].copy_from_slice(&dst);
+    let c = csum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f[34..36].copy_from_slice(&40001u16.to_be_bytes());
+    f[36..38].copy_from_slice(&port.to_be_bytes());
+    f[38..42].copy_from_slice(&0x1000u32.to_be_bytes());
+    f[46] = 5 << 4;
+    f[47] = 0x02; // SYN
+    f[48..50].copy_from_slice(&65535u16.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    pseudo.extend_from_slice(&f[34..54]);
+    let c = csum(&pseudo);
+    f[50..52].copy_from_slice(&c.to_be_bytes());
+    let mut p = vec![0u8; HDR_LEN];
+    p.extend_from_slice(&f);
+    p
+}
+
+/// Whether a guest TCP connect to the gateway reaches a listener on the
+/// namespace's 127.0.0.1, through a passt started with `host_loopback`.
+fn gateway_reaches_host_loopback(ns: &NetNs, host_loopback: bool) -> bool {
+    ns.run(move || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut p = passt::Passt::spawn(&passt::PasstOptions {
+            host_loopback,
+            ..Default::default()
+        })
+        .unwrap();
+        let mac = [2, 0, 0, 0, 0, 0x44];
+        // passt learns the guest's MAC from its first frame.
+        let arp = arp_request(mac, [10, 232, 0, 2], [10, 232, 0, 1]);
+        assert_eq!(arp_round_trip(&mut p, &arp, mac), Some([10, 232, 0, 1]));
+        let syn = tcp_syn(mac, [10, 232, 0, 2], [10, 232, 0, 1], port);
+        let mut buf = vec![0u8; header::MAX_PACKET];
+        let t0 = Instant::now();
+        let mut sent = Instant::now() - Duration::from_secs(1);
+        while t0.elapsed() < Duration::from_secs(4) {
+            if sent.elapsed() >= Duration::from_millis(500) {
+                p.send(&syn).unwrap();
+                sent = Instant::now();
+            }
+            if l.accept().is_ok() {
+                return true;
+            }
+            // Drain what passt sends the guest (SYN-ACK, ARP, RST).
+            while let Ok(Some(_)) = p.recv(&mut buf) {}
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    })
+}
+
+/// Issue 14 item 12: passt's gateway mapping gives the guest every
+/// service on the host's 127.0.0.1; it is off unless `host-loopback=on`.
+#[test]
+fn passt_gateway_reaches_host_loopback_only_when_asked() {
+    let off = passt::passt_args(&passt::PasstOptions::default(), 7);
+    assert!(off.iter().any(|a| a == "--no-map-gw"), "{off:?}");
+    let on = passt::passt_args(
+        &passt::PasstOptions {
+            host_loopback: true,
+            ..Default::default()
+        },
+        7,
+    );
+    assert!(!on.iter().any(|a| a == "--no-map-gw"), "{on:?}");
+    if !have_passt() {
+        return;
+    }
+    let Some(ns) = passt_netns("hostlo") else {
+        return;
+    };
+    assert!(
+        !gateway_reaches_host_loopback(&ns, false),
+        "default: the guest reached host loopback through the gateway"
+    );
+    assert!(
+        gateway_reaches_host_loopback(&ns, true),
+        "host-loopback=on: the guest did not reach host loopback"
+    );
 }

@@ -12,7 +12,9 @@
 //! calls drive it directly.
 //!
 //! Every queue is bounded: connections plus pending clients by
-//! `max_connections`, standalone RSTs by [`MAX_PENDING_RST`], per-connection
+//! `max_connections`, of which the guest may open at most
+//! `max_guest_connections` (the rest stays for host-initiated ones: the
+//! agent's control path, `exec` and `stop`), standalone RSTs by [`MAX_PENDING_RST`], per-connection
 //! state by flags (a connection sits in the RX queue at most once), guest
 //! data per connection by `buf_alloc`.
 
@@ -60,6 +62,9 @@ pub struct MuxerConfig {
     pub shutdown_timeout: Duration,
     /// Most connections plus pending host clients.
     pub max_connections: usize,
+    /// Most guest-initiated connections: a guest cannot take the slots the
+    /// host's control path (`exec`, `stop`) needs.
+    pub max_guest_connections: usize,
 }
 
 impl Default for MuxerConfig {
@@ -69,6 +74,7 @@ impl Default for MuxerConfig {
             connect_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(3),
             max_connections: 1024,
+            max_guest_connections: 512,
         }
     }
 }
@@ -136,6 +142,8 @@ pub struct Muxer {
     /// Host ports handed to host-initiated connections → their guest port.
     local_ports: HashMap<u32, u32>,
     next_local_port: u32,
+    /// Connections the guest opened (bounded by `max_guest_connections`).
+    guest_init: std::collections::HashSet<ConnKey>,
     warned: Warned,
 }
 
@@ -196,6 +204,7 @@ impl Muxer {
             rst_queued: 0,
             local_ports: HashMap::new(),
             next_local_port: LOCAL_PORT_FIRST,
+            guest_init: Default::default(),
             warned: Warned::default(),
         })
     }
@@ -244,6 +253,7 @@ impl Muxer {
         self.rxq.clear();
         self.rst_queued = 0;
         self.local_ports.clear();
+        self.guest_init.clear();
         self.timer_armed = None;
         let _ = self.timer.clear();
     }
@@ -361,6 +371,15 @@ impl Muxer {
             self.enqueue_rst(key);
             return;
         }
+        if self.guest_init.len() >= self.cfg.max_guest_connections {
+            self.warned.warn(
+                DEV,
+                "guest connection limit reached",
+                self.cfg.max_guest_connections,
+            );
+            self.enqueue_rst(key);
+            return;
+        }
         let mut path: OsString = self.socket_file.0.clone().into_os_string();
         path.push(format!("_{}", hdr.dst_port));
         match sys::connect_nonblocking(Path::new(&path)) {
@@ -371,6 +390,7 @@ impl Muxer {
                     self.cfg.buf_alloc,
                     self.cfg.shutdown_timeout,
                 );
+                self.guest_init.insert(key);
                 self.insert_conn(key, conn);
             }
             Err(e) => {
@@ -394,6 +414,7 @@ impl Muxer {
         let Some(conn) = self.conns.remove(&key) else {
             return;
         };
+        self.guest_init.remove(&key);
         if conn.registered.is_some() {
             let _ = self
                 .epoll
@@ -759,6 +780,7 @@ mod tests {
             connect_timeout: Duration::from_millis(200),
             shutdown_timeout: Duration::from_millis(200),
             max_connections: 16,
+            max_guest_connections: 16,
         }
     }
 
@@ -1273,6 +1295,41 @@ mod tests {
         let mut v = Vec::new();
         c.read_to_end(&mut v).unwrap();
         assert_eq!(m.pending_client_count(), 0);
+    }
+
+    /// Issue 14 item 11: a guest that opens connections until it is
+    /// refused leaves the host's control path its slots.
+    #[test]
+    fn guest_connections_leave_room_for_the_host() {
+        let dir = TempDir::new("guestcap");
+        let c = MuxerConfig {
+            max_guest_connections: 10,
+            ..cfg()
+        };
+        let mut m = Muxer::new(GUEST, dir.path().join("v.sock"), c).unwrap();
+        let _host = UnixListener::bind(dir.path().join("v.sock_52")).unwrap();
+        for i in 0..c.max_connections as u32 {
+            m.send_pkt(&pkt(op::REQUEST, 2000 + i, 52), &[]);
+        }
+        assert_eq!(m.connection_count(), 10, "guest capped below the total");
+        assert!(m.warned().seen("guest connection limit reached"));
+        // A closed guest connection frees its slot for the guest again.
+        m.send_pkt(&pkt(op::RST, 2000, 52), &[]);
+        assert_eq!(m.connection_count(), 9);
+        m.send_pkt(&pkt(op::REQUEST, 4000, 52), &[]);
+        assert_eq!(m.connection_count(), 10);
+        drain(&mut m);
+        // The host still connects to the guest, up to the total.
+        let mut hosts = Vec::new();
+        for _ in 0..c.max_connections - 10 {
+            let (s, h) = host_request(&mut m, 1024);
+            hosts.push((s, h));
+        }
+        assert_eq!(m.connection_count(), c.max_connections);
+        m.reset();
+        assert_eq!(m.connection_count(), 0);
+        m.send_pkt(&pkt(op::REQUEST, 5000, 52), &[]);
+        assert_eq!(m.connection_count(), 1, "reset forgets the guest's count");
     }
 
     #[test]
