@@ -267,12 +267,24 @@ fn every_thread_of_a_running_vmm_is_filtered() {
         lines.wait_for("spinning", Duration::from_secs(60)),
         "the guest never printed 'spinning'"
     );
-    // A thread that is starting may be a moment away from its filter:
-    // look again for a while before calling one unfiltered.
+    // The main thread keeps the program's name; KVM may add a kernel
+    // worker thread (kvm-nx-lpage-recovery) to the process, which inherits
+    // the filter of the thread that started it (a vCPU).
+    let expected = [
+        "locald-vmm",
+        "seccomp spawner",
+        "signals",
+        "vcpu 0",
+        "vcpu 1",
+    ];
+    // vcpu 1 may still be starting when vcpu 0 prints, and a starting
+    // thread may be a moment away from its filter: look again for a while.
     let deadline = Instant::now() + Duration::from_secs(5);
     let threads = loop {
         let t = thread_seccomp_modes(child.id());
-        if t.iter().all(|(_, mode)| mode == "2") || Instant::now() > deadline {
+        let all_there = expected.iter().all(|w| t.iter().any(|(n, _)| n == w));
+        let all_filtered = t.iter().all(|(_, mode)| mode == "2");
+        if (all_there && all_filtered) || Instant::now() > deadline {
             break t;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -280,16 +292,7 @@ fn every_thread_of_a_running_vmm_is_filtered() {
     let _ = child.kill();
     let d = finish(child, Duration::from_secs(30));
     let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
-    // The main thread keeps the program's name; KVM may add a kernel
-    // worker thread (kvm-nx-lpage-recovery) to the process, which inherits
-    // the filter of the thread that started it (a vCPU).
-    for want in [
-        "locald-vmm",
-        "seccomp spawner",
-        "signals",
-        "vcpu 0",
-        "vcpu 1",
-    ] {
+    for want in expected {
         assert!(names.contains(&want), "no thread {want}: {threads:?}");
     }
     let unfiltered: Vec<_> = threads.iter().filter(|(_, m)| m != "2").collect();
