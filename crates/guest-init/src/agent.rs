@@ -121,8 +121,44 @@ fn listener_main(ctx: &Context) -> ! {
             unsafe { libc::_exit(CODE_CANNOT_LISTEN.into()) }
         }
     };
-    notify_ready();
+    if silent_requested() {
+        console::error(
+            "agent",
+            format_args!(
+                "{SILENT_WORD} on the kernel command line: not telling the host it is ready"
+            ),
+        );
+    } else {
+        notify_ready();
+    }
     accept_loop(&listener, ctx)
+}
+
+/// Kernel command-line word that keeps the agent from announcing itself
+/// (it listens and serves as usual, but never sends `READY`): lets a test
+/// see the host's readiness timeout whatever the boot time. A word with a
+/// dot is a module option to the kernel, so it reaches no environment.
+pub const SILENT_WORD: &str = "locald.agent=silent";
+
+/// Whether [`SILENT_WORD`] is on the kernel command line.
+fn silent_requested() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .map(|c| cmdline_has(&c, SILENT_WORD))
+        .unwrap_or(false)
+}
+
+/// Whether `word` is one of the blank-separated words of `cmdline`.
+pub fn cmdline_has(cmdline: &str, word: &str) -> bool {
+    cmdline.split_whitespace().any(|w| w == word)
+}
+
+/// Whether a connection from `peer` may be served: only the host
+/// (`HOST_CID`) talks to the agent; another VM or a local socket on a
+/// kernel with vsock loopback gets closed unread.
+pub fn peer_allowed(peer: &libc::sockaddr_vm, len: libc::socklen_t) -> bool {
+    len as usize >= std::mem::size_of::<libc::sockaddr_vm>()
+        && peer.svm_family == libc::AF_VSOCK as libc::sa_family_t
+        && peer.svm_cid == HOST_CID
 }
 
 /// A vsock address.
@@ -238,22 +274,38 @@ pub fn notify_ready() {
     );
 }
 
-/// Accepts connections on `listener` forever, serving each in a forked
+/// Accepts connections from the host on `listener` forever, serving each in a forked
 /// handler process. Must run in a process of its own: it sets `SIGCHLD` to
 /// `SIG_IGN` (handlers are reaped by the kernel) and `SIGPIPE` to `SIG_IGN`.
+/// Connections from any other peer ([`peer_allowed`]) are closed unread.
 pub fn accept_loop(listener: &OwnedFd, ctx: &Context) -> ! {
+    serve_peers(listener, ctx, peer_allowed)
+}
+
+/// [`accept_loop`] with the peer check `allowed` (tests serve Unix sockets
+/// with an allow-all check).
+pub(crate) fn serve_peers(
+    listener: &OwnedFd,
+    ctx: &Context,
+    allowed: fn(&libc::sockaddr_vm, libc::socklen_t) -> bool,
+) -> ! {
     // SAFETY: setting dispositions to SIG_IGN has no preconditions.
     unsafe {
         libc::signal(libc::SIGCHLD, libc::SIG_IGN);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
+    let mut refused_logged = false;
     loop {
-        // SAFETY: accept4 with null address pointers.
+        // SAFETY: sockaddr_vm is plain data; all-zero is valid.
+        let mut peer: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        let mut peer_len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: `peer` and `peer_len` are valid for writes and describe
+        // a buffer of `peer_len` bytes.
         let rc = unsafe {
             libc::accept4(
                 listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                (&mut peer as *mut libc::sockaddr_vm).cast(),
+                &mut peer_len,
                 libc::SOCK_CLOEXEC,
             )
         };
@@ -276,6 +328,20 @@ pub fn accept_loop(listener: &OwnedFd, ctx: &Context) -> ! {
                 continue;
             }
         };
+        if !allowed(&peer, peer_len) {
+            // Closed unread (dropping `conn`); logged once per listener.
+            if !refused_logged {
+                refused_logged = true;
+                console::error(
+                    "agent",
+                    format_args!(
+                        "refused a connection from vsock CID {} (only the host, CID {HOST_CID}, is served; further refusals not logged)",
+                        peer.svm_cid
+                    ),
+                );
+            }
+            continue;
+        }
         // SAFETY: the listener is single-threaded; the child runs the
         // handler and exits without returning into this loop.
         match unsafe { libc::fork() } {
@@ -378,5 +444,31 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_host_cid_is_served() {
+        let full = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        let host = vsock_addr(HOST_CID, 5000);
+        assert!(peer_allowed(&host, full));
+        for cid in [0, 1, 3, 4, libc::VMADDR_CID_ANY] {
+            assert!(!peer_allowed(&vsock_addr(cid, 5000), full), "CID {cid}");
+        }
+        // A short or foreign address is not the host.
+        assert!(!peer_allowed(&host, 4));
+        let mut unix = host;
+        unix.svm_family = libc::AF_UNIX as libc::sa_family_t;
+        assert!(!peer_allowed(&unix, full));
+    }
+
+    #[test]
+    fn the_silent_word_is_a_whole_word() {
+        assert!(cmdline_has(
+            "console=ttyS0 locald.agent=silent quiet\n",
+            SILENT_WORD
+        ));
+        assert!(!cmdline_has("locald.agent=silentx", SILENT_WORD));
+        assert!(!cmdline_has("xlocald.agent=silent", SILENT_WORD));
+        assert!(!cmdline_has("", SILENT_WORD));
     }
 }

@@ -136,8 +136,12 @@ fn default_guest_runs_commands() {
 /// published port, then `exec` checking binary-safe stdout/stderr
 /// separation, exit codes 0/1/42, a signal (128+9), env and workdir, a
 /// missing command (127), two concurrent execs, a guest web server reached
-/// from the host through `--publish` with a known payload, `ps`, and a
-/// `stop` that leaves the data disk consistent with the guest's write on it.
+/// from the host through `--publish` with a known payload, every VMM
+/// thread under a seccomp filter, the guest unbinding and rebinding every
+/// virtio driver (blk, rng, vsock, fs: device resets and re-activations
+/// under the filters) and using each device again, `ps`, and a `stop`
+/// that leaves the data disk consistent with the guest's write on it
+/// (made after the rebinding, left mounted).
 #[test]
 fn named_vm_exec_publish_stop() {
     if !kvm_present() {
@@ -148,6 +152,9 @@ fn named_vm_exec_publish_stop() {
     std::fs::create_dir_all(&dir).unwrap();
     let data = dir.join("data.ext4");
     host("mkfs.ext4", &["-q", "-F", data.to_str().unwrap(), "16M"]);
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("from-host"), "shared by the host\n").unwrap();
     let name = format!("t{}", std::process::id());
     // A free host port: bind :0, read it, release it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -169,6 +176,8 @@ fn named_vm_exec_publish_stop() {
         .arg(format!("{port}:8080"))
         .arg("--disk")
         .arg(&data)
+        .arg("--share")
+        .arg(format!("{}:/mnt/share", share.display()))
         .output()
         .expect("start");
     assert!(
@@ -253,14 +262,97 @@ fn named_vm_exec_publish_stop() {
         body.contains("payload-5d1e"),
         "published port answered: {body:?}"
     );
-    // A write on the data disk, left mounted: stop must sync and unmount.
+    // Every thread of the VMM (the `serve` process), device workers
+    // included, runs under a seccomp filter.
+    let serve = serve_pid(&name).expect("the named VM's serve process");
+    let unfiltered: Vec<String> = std::fs::read_dir(format!("/proc/{serve}/task"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let filtered = status.lines().any(|l| l == "Seccomp:\t2");
+            (!filtered).then(|| comm.trim().to_string())
+        })
+        .collect();
+    assert!(unfiltered.is_empty(), "unfiltered threads: {unfiltered:?}");
+    // The guest unbinds and rebinds every virtio driver (each device is
+    // reset on the vCPU that writes status 0, then activated again), uses
+    // each device again, and rebinds vsock last. It runs detached and
+    // reports through the share (unmounted first, mounted again after its
+    // rebinding), because unbinding vsock breaks the agent's connections.
+    // It also writes on the data disk after the rebinding and leaves it
+    // mounted: `stop` must sync and unmount it.
     let (code, _, err) = exec(&[
         "--",
         "sh",
         "-c",
-        "mkdir -p /mnt/d && mount /dev/vda /mnt/d && echo kept > /mnt/d/kept.txt",
+        r#"umount /mnt/share && setsid sh -c '
+            sleep 1
+            rebind() {
+                echo "$2" > "/sys/bus/virtio/drivers/$1/unbind" &&
+                    echo "$2" > "/sys/bus/virtio/drivers/$1/bind" &&
+                    echo "rebound $1 $2" >> /tmp/rebind.log
+            }
+            for drv in /sys/bus/virtio/drivers/*; do
+                [ "${drv##*/}" = vmw_vsock_virtio_transport ] && continue
+                for dev in "$drv"/virtio*; do
+                    [ -e "$dev" ] && rebind "${drv##*/}" "${dev##*/}"
+                done
+            done
+            mount -t virtiofs locald-share0 /mnt/share || exit 1
+            r=/mnt/share/result
+            cat /tmp/rebind.log > $r
+            echo "hwrng=$(head -c 32 /dev/hwrng | wc -c)" >> $r
+            cat /mnt/share/from-host >> $r
+            mkdir -p /mnt/d && mount /dev/vda /mnt/d && echo kept > /mnt/d/kept.txt &&
+                echo "disk written" >> $r
+            for dev in /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio*; do
+                rebind vmw_vsock_virtio_transport "${dev##*/}"
+            done
+            tail -n 1 /tmp/rebind.log >> $r
+            echo finished >> $r
+        ' </dev/null >/dev/null 2>&1 &"#,
     ]);
     assert_eq!(code, Some(0), "{err}");
+    let result = share.join("result");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let log = loop {
+        let log = std::fs::read_to_string(&result).unwrap_or_default();
+        if log.contains("finished") {
+            break log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never finished rebinding: {log:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for want in [
+        "rebound virtio_blk ",
+        "rebound virtio_rng ",
+        "rebound virtiofs ",
+        "hwrng=32",
+        "shared by the host",
+        "disk written",
+        "rebound vmw_vsock_virtio_transport ",
+    ] {
+        assert!(log.contains(want), "'{want}' after rebinding: {log}");
+    }
+    // The VMM outlived every reset (it used to exit 159 on the fs and vsock
+    // resets), and the agent is reached over the re-activated vsock.
+    // Known gap: after a vsock re-activation a stream stalls after its
+    // first packets (also without seccomp, before this change), so only
+    // the first output is checked and the exec is bounded.
+    assert!(serve_pid(&name).is_some(), "the VMM is gone: {log}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out) = exec_bounded(&name, "echo alive", Duration::from_secs(10));
+        if out == b"alive\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no answer over vsock: {out:?}");
+    }
     let ps = vmm().arg("ps").output().unwrap();
     assert!(String::from_utf8_lossy(&ps.stdout).contains(&name));
     let stop = vmm().args(["stop", &name]).output().unwrap();
@@ -283,6 +375,37 @@ fn named_vm_exec_publish_stop() {
     );
     host("e2fsck", &["-fn", data.to_str().unwrap()]);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The pid of the `serve` process of the named VM `name`.
+fn serve_pid(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        (args.contains(&&b"serve"[..]) && args.contains(&name.as_bytes())).then_some(pid)
+    })
+}
+
+/// `exec NAME -- sh -c SCRIPT`, killed after `limit`: (status, stdout).
+fn exec_bounded(name: &str, script: &str, limit: Duration) -> (Option<i32>, Vec<u8>) {
+    let mut child = vmm()
+        .args(["exec", name, "--", "sh", "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("exec");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), out.stdout)
 }
 
 /// Interactive mode: no command gives a shell on the serial console. Host
@@ -474,14 +597,25 @@ fn disks_rootfs_and_entropy() {
 }
 
 /// A guest agent that never answers in time: one clear error line, exit
-/// 125, and the VM's private socket directory gone afterwards.
+/// 125, and the VM's private socket directory gone afterwards. The agent
+/// is kept silent by `locald.agent=silent` on the kernel command line
+/// (guest-init then never sends READY), so the timeout is reached however
+/// fast the guest boots.
 #[test]
 fn agent_timeout_is_a_clear_error() {
     if !kvm_present() {
         return;
     }
     let child = Command::new(env!("CARGO_BIN_EXE_locald-vmm"))
-        .args(["run", "--agent-timeout", "1", "--", "true"])
+        .args([
+            "run",
+            "--cmdline",
+            "locald.agent=silent",
+            "--agent-timeout",
+            "2",
+            "--",
+            "true",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -493,7 +627,7 @@ fn agent_timeout_is_a_clear_error() {
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(
-        lines[0].contains("did not become ready within 1s"),
+        lines[0].contains("did not become ready within 2s"),
         "{stderr}"
     );
     // Its private socket directory (vm-<pid>-N) is gone.
@@ -520,8 +654,14 @@ fn agent_timeout_is_a_clear_error() {
 
 /// One boot with two virtio-fs shares: the guest reads a file the host
 /// wrote, writes one the host then reads, sees a host edit made while it
-/// runs, cannot write to the read-only share, and cannot get out of the
-/// share with `..` or a symlink.
+/// runs, and cannot write to the read-only share.
+///
+/// Escapes through `..` or a symlink are not checked here: the guest
+/// kernel resolves `..` at the mount's root and follows symlinks itself,
+/// so such a check could not fail. The server refuses them when a hostile
+/// guest sends the raw names: `fs::tests::dotdot_at_root_is_the_root`,
+/// `fs::tests::symlinks_are_never_followed_on_the_host` and
+/// `virtio_fs_host::escapes_through_the_mount`.
 #[test]
 fn virtio_fs_shares() {
     if !kvm_present() {
@@ -533,12 +673,9 @@ fn virtio_fs_shares() {
     let ro = base.join("ro");
     std::fs::create_dir_all(&rw).unwrap();
     std::fs::create_dir_all(&ro).unwrap();
-    std::fs::write(base.join("outside"), "host secret\n").unwrap();
     std::fs::write(rw.join("from-host"), "written by the host\n").unwrap();
     std::fs::write(rw.join("live"), "v1\n").unwrap();
     std::fs::write(ro.join("ro-file"), "read only\n").unwrap();
-    std::os::unix::fs::symlink(base.join("outside"), rw.join("abs-link")).unwrap();
-    std::os::unix::fs::symlink("../outside", rw.join("rel-link")).unwrap();
     let script = r#"
         cat /mnt/rw/from-host
         echo "written by the guest" > /mnt/rw/from-guest
@@ -547,9 +684,6 @@ fn virtio_fs_shares() {
         echo "live=$(cat /mnt/rw/live)"
         echo x > /mnt/ro/new 2>/dev/null && echo "ro write ok" || echo "ro write refused"
         cat /mnt/ro/ro-file
-        ls /mnt/rw/.. | grep -q outside && echo "dotdot escaped" || echo "dotdot stayed"
-        cat /mnt/rw/abs-link 2>/dev/null | grep -q secret && echo "abs escaped" || echo "abs stayed"
-        cat /mnt/rw/rel-link 2>/dev/null | grep -q secret && echo "rel escaped" || echo "rel stayed"
         grep virtiofs /proc/mounts | cut -d' ' -f1-4
     "#;
     let child = vmm()
@@ -577,9 +711,6 @@ fn virtio_fs_shares() {
         "live=v2",
         "ro write refused",
         "read only",
-        "dotdot stayed",
-        "abs stayed",
-        "rel stayed",
         "locald-share0 /mnt/rw virtiofs rw",
         "locald-share1 /mnt/ro virtiofs ro",
     ] {
@@ -593,9 +724,5 @@ fn virtio_fs_shares() {
         "written by the guest\n"
     );
     assert!(!ro.join("new").exists());
-    assert_eq!(
-        std::fs::read_to_string(base.join("outside")).unwrap(),
-        "host secret\n"
-    );
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -6,6 +6,8 @@
 //!   made by the `LOCALD_VMM_SECCOMP_SELFTEST` hook right after the thread
 //!   installs its filter; with `--no-seccomp` the same run succeeds.
 //! - The `virtio` guest (block, entropy) passes under the filters.
+//! - Every thread of a running VMM, the seccomp spawner included, shows
+//!   seccomp mode 2 (filter) in `/proc/PID/task/TID/status`.
 //! - SIGTERM / SIGINT stop a running VM within the grace period with exit
 //!   status 143 / 130, releasing its disk (a second VM can open it).
 //!
@@ -15,9 +17,10 @@ mod common;
 
 use common::*;
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Exit status after a seccomp violation (128 + SIGSYS).
@@ -52,14 +55,68 @@ struct Done {
     took: Duration,
 }
 
-/// Waits for `child` (killing it after `limit`) and collects its output.
+/// A child's stdout, read line by line on a thread, so a test can wait
+/// for a line and still collect the rest.
+struct Lines {
+    rx: mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Lines {
+    fn take(child: &mut Child) -> Lines {
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines {
+            rx,
+            seen: String::new(),
+        }
+    }
+
+    /// Waits (at most `limit`) for a line containing `want`.
+    fn wait_for(&mut self, want: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.seen.contains(want) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push_str(&l);
+                    self.seen.push('\n');
+                }
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Everything read, up to EOF.
+    fn rest(mut self) -> String {
+        for l in self.rx.iter() {
+            self.seen.push_str(&l);
+            self.seen.push('\n');
+        }
+        self.seen
+    }
+}
+
+/// Waits for `child` (killing it after `limit`) and collects its output
+/// (stdout only if nobody took it).
 fn finish(mut child: Child, limit: Duration) -> Done {
     let start = Instant::now();
-    let mut out = child.stdout.take().unwrap();
+    let out = child.stdout.take();
     let mut err = child.stderr.take().unwrap();
     let o = std::thread::spawn(move || {
         let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
+        if let Some(mut out) = out {
+            let _ = out.read_to_string(&mut s);
+        }
         s
     });
     let e = std::thread::spawn(move || {
@@ -154,6 +211,99 @@ fn forbidden_call_on_a_control_thread_ends_the_vmm() {
 }
 
 #[test]
+fn forbidden_call_on_the_spawner_thread_ends_the_vmm() {
+    if kvm_present() {
+        assert_violation("seccomp spawner", "seccomp spawner");
+    }
+}
+
+/// `(thread name, Seccomp mode)` of every thread of process `pid`.
+fn thread_seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return v;
+    };
+    for t in tasks.filter_map(Result::ok) {
+        let (Ok(status), Ok(comm)) = (
+            std::fs::read_to_string(t.path().join("status")),
+            std::fs::read_to_string(t.path().join("comm")),
+        ) else {
+            continue; // the thread just ended
+        };
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(|m| m.trim().to_string())
+            .unwrap_or_default();
+        v.push((comm.trim().to_string(), mode));
+    }
+    v.sort();
+    v
+}
+
+/// Every thread the VMM keeps while a guest runs is filtered (mode 2),
+/// including the seccomp spawner that starts the vCPUs.
+#[test]
+fn every_thread_of_a_running_vmm_is_filtered() {
+    if !kvm_present() {
+        return;
+    }
+    let img = disk("threads");
+    let g = guest("spin");
+    let args = [
+        "run",
+        "--kernel",
+        g.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--disk",
+        img.to_str().unwrap(),
+        "--timeout",
+        "120",
+    ];
+    let mut child = spawn(&args, &[]);
+    let mut lines = Lines::take(&mut child);
+    assert!(
+        lines.wait_for("spinning", Duration::from_secs(60)),
+        "the guest never printed 'spinning'"
+    );
+    // The main thread keeps the program's name; KVM may add a kernel
+    // worker thread (kvm-nx-lpage-recovery) to the process, which inherits
+    // the filter of the thread that started it (a vCPU).
+    let expected = [
+        "locald-vmm",
+        "seccomp spawner",
+        "signals",
+        "vcpu 0",
+        "vcpu 1",
+    ];
+    // vcpu 1 may still be starting when vcpu 0 prints, and a starting
+    // thread may be a moment away from its filter: look again for a while.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let threads = loop {
+        let t = thread_seccomp_modes(child.id());
+        let all_there = expected.iter().all(|w| t.iter().any(|(n, _)| n == w));
+        let all_filtered = t.iter().all(|(_, mode)| mode == "2");
+        if (all_there && all_filtered) || Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let d = finish(child, Duration::from_secs(30));
+    let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
+    for want in expected {
+        assert!(names.contains(&want), "no thread {want}: {threads:?}");
+    }
+    let unfiltered: Vec<_> = threads.iter().filter(|(_, m)| m != "2").collect();
+    assert!(
+        unfiltered.is_empty(),
+        "threads without a seccomp filter: {unfiltered:?} (all: {threads:?}); stderr {}",
+        d.stderr
+    );
+}
+
+#[test]
 fn virtio_guest_passes_under_the_filters_and_without_them() {
     if !kvm_present() {
         return;
@@ -185,18 +335,23 @@ fn signal_stops_vm(sig: i32, want: i32) {
         "--timeout",
         "120",
     ];
-    let child = spawn(&args, &[]);
+    let mut child = spawn(&args, &[]);
     let pid = child.id() as libc::pid_t;
-    // Let it boot (the guest prints "spinning" and loops), then signal.
-    std::thread::sleep(Duration::from_secs(2));
+    // Signal once the guest runs (it prints "spinning" and loops).
+    let mut lines = Lines::take(&mut child);
+    assert!(
+        lines.wait_for("spinning", Duration::from_secs(60)),
+        "the guest never printed 'spinning'"
+    );
     // SAFETY: signalling our own child, not yet reaped.
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
     let sent = Instant::now();
     let d = finish(child, Duration::from_secs(60));
     let took = sent.elapsed();
+    let stdout = lines.rest();
     assert_eq!(d.code, Some(want), "{}", d.stderr);
     assert!(took < Duration::from_secs(12), "took {took:?}");
-    assert!(d.stdout.contains("spinning"), "{}", d.stdout);
+    assert!(stdout.contains("spinning"), "{stdout}");
     assert!(d.stderr.contains("stopping the VM"), "{}", d.stderr);
     // The image's lock went with the VMM: a new VM may open it.
     let d2 = finish(

@@ -15,8 +15,14 @@
 //! Filters stack: a thread started by a filtered thread would be bound by
 //! its parent's list too. So threads are started through [`spawn`]: from a
 //! filtered thread the request goes to the *spawner*, a thread created
-//! unfiltered before the first filter is installed, whose only job is to
-//! start threads (it never reads guest or client data).
+//! before the first filter is installed, whose only job is to start
+//! threads (it never reads guest or client data). The spawner runs under
+//! a filter of its own too ([`ThreadKind::Spawner`]): the union of every
+//! other list (its threads inherit it, then narrow it to their own list)
+//! plus what starting a thread takes — `clone` with `CLONE_THREAD` only,
+//! `clone3` answered with `ENOSYS` (glibc then falls back to `clone`,
+//! whose flags a filter can check), naming the new thread, and installing
+//! that thread's filter.
 
 mod syscalls;
 
@@ -103,6 +109,10 @@ pub enum ThreadKind {
     /// Console input, published ports, agent stdin, signal handling:
     /// sockets and stdio, nothing else.
     Control,
+    /// The seccomp spawner thread ([`spawn`]): starts threads for filtered
+    /// threads. Its list is the union of all the others (the threads it
+    /// starts inherit it) plus thread creation; no process creation.
+    Spawner,
 }
 
 impl ThreadKind {
@@ -113,10 +123,12 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Worker(_) => "worker",
             ThreadKind::Control => "control",
+            ThreadKind::Spawner => "spawner",
         }
     }
 
-    const ALL: [ThreadKind; 9] = [
+    const ALL: [ThreadKind; 10] = [
+        ThreadKind::Spawner,
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Control,
@@ -166,14 +178,23 @@ const COMMON: &[i64] = &[
 /// vCPU threads, besides `ioctl` (see [`vcpu_ioctls`]): eventfd reads and
 /// writes (irqfds, queue notifications forwarded by the transport), and
 /// what starting a device's worker takes (an eventfd, a duplicate of it, an
-/// epoll instance) and resetting one (vsock drops its host connections).
+/// epoll instance). Resetting a device only signals and joins its worker,
+/// which does the device's teardown itself
+/// ([`crate::devices::virtio::worker::QueueHandler::on_stop`]).
 const VCPU: &[i64] = &[
     libc::SYS_read,
     libc::SYS_eventfd2,
     libc::SYS_fcntl,
     libc::SYS_epoll_create1,
-    libc::SYS_shutdown,
 ];
+
+/// The spawner, besides the union of every other list: starting a thread
+/// (`clone` restricted to `CLONE_THREAD` in [`compile`], glibc's stack
+/// guard, robust futex list and restartable sequences), and what the new
+/// thread does before its own filter is on: naming itself
+/// (`prctl(PR_SET_NAME)`), `prctl(PR_SET_NO_NEW_PRIVS)` and
+/// `seccomp(SECCOMP_SET_MODE_FILTER)` (restricted in [`compile`]).
+const SPAWNER: &[i64] = &[libc::SYS_set_robust_list, libc::SYS_rseq];
 
 /// Every worker: its event loop (epoll), queue eventfds (read), the
 /// interrupt eventfd (write), duplicated descriptors.
@@ -474,6 +495,7 @@ fn socket_domains(kind: ThreadKind) -> &'static [i32] {
         ThreadKind::Main => &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6],
         ThreadKind::Control => &[libc::AF_UNIX],
         ThreadKind::Worker(Device::Vsock | Device::Other) => &[libc::AF_UNIX],
+        ThreadKind::Spawner => &[libc::AF_UNIX, libc::AF_INET, libc::AF_INET6],
         _ => &[],
     }
 }
@@ -494,6 +516,16 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
         ThreadKind::Vcpu => {
             calls.extend_from_slice(VCPU);
             ioctls = vcpu_ioctls();
+        }
+        ThreadKind::Spawner => {
+            for kind in ThreadKind::ALL {
+                if kind != ThreadKind::Spawner {
+                    let (c, i) = allowed(kind);
+                    calls.extend(c);
+                    ioctls.extend(i);
+                }
+            }
+            calls.extend_from_slice(SPAWNER);
         }
         ThreadKind::Worker(dev) => {
             calls.extend_from_slice(WORKER);
@@ -540,7 +572,7 @@ fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
             .map_err(err)?;
         rules.insert(libc::SYS_ioctl, r);
     }
-    if kind == ThreadKind::Main {
+    if matches!(kind, ThreadKind::Main | ThreadKind::Spawner) {
         // Stopping passt when the VM is dropped: SIGTERM and nothing else.
         rules.insert(
             libc::SYS_kill,
@@ -556,6 +588,33 @@ fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
             })
             .map_err(err)?;
         rules.insert(libc::SYS_prlimit64, vec![read_only]);
+    }
+    if kind == ThreadKind::Spawner {
+        // Threads only: glibc's pthread_create passes CLONE_THREAD (and
+        // CLONE_VM, CLONE_SIGHAND); a fork-like clone lacks it.
+        let thread = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(err)?;
+        rules.insert(libc::SYS_clone, vec![thread]);
+        // Allowed here, answered with ENOSYS by [`clone3_enosys`]'s
+        // filter (a stricter action wins): its flags are behind a pointer.
+        rules.insert(libc::SYS_clone3, Vec::new());
+        rules.insert(
+            libc::SYS_prctl,
+            vec![
+                eq(0, libc::PR_SET_NAME as u64).map_err(err)?,
+                eq(0, libc::PR_SET_NO_NEW_PRIVS as u64).map_err(err)?,
+            ],
+        );
+        rules.insert(
+            libc::SYS_seccomp,
+            vec![eq(0, libc::SECCOMP_SET_MODE_FILTER as u64).map_err(err)?],
+        );
     }
     let domains = socket_domains(kind);
     if !domains.is_empty() {
@@ -574,6 +633,29 @@ fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     )
     .map_err(err)?;
     filter.try_into().map_err(err)
+}
+
+/// The spawner's second filter: `clone3` fails with `ENOSYS`, everything
+/// else passes (to the union filter). glibc then starts threads with
+/// `clone`, whose flags [`compile`] checks.
+fn clone3_enosys() -> Result<&'static BpfProgram, SeccompError> {
+    static PROG: OnceLock<BpfProgram> = OnceLock::new();
+    if let Some(p) = PROG.get() {
+        return Ok(p);
+    }
+    let err = |e: seccompiler::BackendError| SeccompError::Compile {
+        kind: ThreadKind::Spawner.label(),
+        err: e.to_string(),
+    };
+    let filter = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(err)?;
+    let p: BpfProgram = filter.try_into().map_err(err)?;
+    Ok(PROG.get_or_init(|| p))
 }
 
 /// The compiled filter of `kind`, built once per process.
@@ -602,6 +684,7 @@ pub fn check() -> Result<(), SeccompError> {
     for kind in ThreadKind::ALL {
         program(kind)?;
     }
+    clone3_enosys()?;
     Ok(())
 }
 
@@ -631,14 +714,22 @@ pub fn install(kind: ThreadKind, name: &str) -> Result<(), SeccompError> {
     let prog = program(kind)?;
     install_sigsys_handler();
     spawner();
+    apply(kind, name, &[prog])
+}
+
+/// Names the calling thread for the SIGSYS message and installs `progs`
+/// on it, then runs the self-test.
+fn apply(kind: ThreadKind, name: &str, progs: &[&BpfProgram]) -> Result<(), SeccompError> {
     let mut buf = [0u8; NAME_MAX];
     let n = name.len().min(NAME_MAX);
     buf[..n].copy_from_slice(&name.as_bytes()[..n]);
     THREAD_NAME.with(|c| c.set(buf));
-    seccompiler::apply_filter(prog).map_err(|e| SeccompError::Apply {
-        thread: name.to_string(),
-        err: e.to_string(),
-    })?;
+    for prog in progs {
+        seccompiler::apply_filter(prog).map_err(|e| SeccompError::Apply {
+            thread: name.to_string(),
+            err: e.to_string(),
+        })?;
+    }
     FILTERED.with(|c| c.set(true));
     tracing::debug!(
         "seccomp: {} filter installed on thread '{name}'",
@@ -654,11 +745,22 @@ fn selftest(kind: ThreadKind, name: &str) {
     let Some(want) = std::env::var_os(SELFTEST_ENV) else {
         return;
     };
-    if want == kind.label() || want == name {
+    if selftest_selects(want.as_encoded_bytes(), kind, name) {
         // SAFETY: ptrace with an invalid request and no pointers; the
         // filter traps it before the kernel looks at the arguments.
         unsafe { libc::syscall(libc::SYS_ptrace, -1i64, 0, 0, 0) };
     }
+}
+
+/// Whether the self-test value `want` selects the thread `name` of `kind`:
+/// its name, or its kind's label. The `vcpu` label selects `vcpu 0` only:
+/// the vCPU threads start together, and whichever installed its filter
+/// first would otherwise report, so the reported name would vary.
+fn selftest_selects(want: &[u8], kind: ThreadKind, name: &str) -> bool {
+    if want == name.as_bytes() {
+        return true;
+    }
+    want == kind.label().as_bytes() && (kind != ThreadKind::Vcpu || name == "vcpu 0")
 }
 
 fn install_sigsys_handler() {
@@ -772,7 +874,12 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The spawner's queue, created (with its thread) on first use.
+/// Name of the spawner thread (also its name in violation messages).
+pub const SPAWNER_NAME: &str = "seccomp spawner";
+
+/// The spawner's queue, created (with its thread) on first use, from the
+/// first thread that installs a filter, just before it does. The spawner
+/// filters itself ([`ThreadKind::Spawner`]) before it starts any thread.
 fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
     SPAWNER.get_or_init(|| {
@@ -780,8 +887,20 @@ fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
         // If this fails the process cannot start threads at all; filtered
         // threads then get an error from `spawn`.
         let _ = std::thread::Builder::new()
-            .name("seccomp spawner".into())
+            .name(SPAWNER_NAME.into())
             .spawn(move || {
+                let filtered = program(ThreadKind::Spawner).and_then(|union| {
+                    apply(
+                        ThreadKind::Spawner,
+                        SPAWNER_NAME,
+                        &[clone3_enosys()?, union],
+                    )
+                });
+                if let Err(e) = filtered {
+                    // Never start threads from an unfiltered spawner.
+                    eprintln!("locald-vmm: {e}");
+                    std::process::exit(EXIT_CODE);
+                }
                 for job in rx {
                     job();
                 }
@@ -914,6 +1033,101 @@ mod tests {
         assert!(
             s.contains("thread '?'") && s.contains("(ioctl request 0xae01)"),
             "{s}"
+        );
+    }
+
+    #[test]
+    fn the_vcpu_selftest_label_selects_vcpu_0_only() {
+        assert!(selftest_selects(b"vcpu", ThreadKind::Vcpu, "vcpu 0"));
+        assert!(!selftest_selects(b"vcpu", ThreadKind::Vcpu, "vcpu 1"));
+        assert!(selftest_selects(b"vcpu 1", ThreadKind::Vcpu, "vcpu 1"));
+        assert!(selftest_selects(b"main", ThreadKind::Main, "vm"));
+        let rng = ThreadKind::Worker(Device::Rng);
+        assert!(selftest_selects(b"worker", rng, "virtio-rng"));
+        assert!(selftest_selects(
+            b"spawner",
+            ThreadKind::Spawner,
+            SPAWNER_NAME
+        ));
+        assert!(!selftest_selects(b"control", ThreadKind::Main, "main"));
+    }
+
+    /// The spawner's list is a superset of every other (its threads
+    /// inherit it) and still has nothing dangerous unconditionally.
+    #[test]
+    fn the_spawner_list_covers_every_other_list() {
+        let (spawner, spawner_ioctls) = allowed(ThreadKind::Spawner);
+        for kind in ThreadKind::ALL {
+            let (calls, ioctls) = allowed(kind);
+            for c in calls {
+                assert!(spawner.contains(&c), "{kind:?}: {c} missing");
+            }
+            for i in ioctls {
+                assert!(
+                    spawner_ioctls.contains(&i),
+                    "{kind:?}: ioctl {i:#x} missing"
+                );
+            }
+            let d = socket_domains(kind);
+            assert!(d
+                .iter()
+                .all(|x| socket_domains(ThreadKind::Spawner).contains(x)));
+        }
+    }
+
+    /// Under the spawner's two filters (installed in a forked child): a
+    /// thread-creating `clone` passes the filter, `clone3` fails with
+    /// ENOSYS, and a fork-like `clone` is trapped (SIGSYS, no handler in
+    /// the child).
+    #[test]
+    fn the_spawner_filter_refuses_processes_and_clone3() {
+        let union = program(ThreadKind::Spawner).unwrap();
+        let enosys = clone3_enosys().unwrap();
+        // SAFETY: the child only makes raw system calls (no allocation, no
+        // locks) and leaves with _exit; the parent waits for it.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: see above; the programs were built before the fork.
+            unsafe {
+                let apply = |p: &BpfProgram| {
+                    let prog = libc::sock_fprog {
+                        len: p.len() as u16,
+                        filter: p.as_ptr() as *mut libc::sock_filter,
+                    };
+                    libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+                        && libc::syscall(
+                            libc::SYS_seccomp,
+                            libc::SECCOMP_SET_MODE_FILTER,
+                            0,
+                            &prog as *const libc::sock_fprog,
+                        ) == 0
+                };
+                if !apply(enosys) || !apply(union) {
+                    libc::_exit(10);
+                }
+                // clone3 with a null argument: ENOSYS from the filter
+                // (EFAULT/EINVAL would mean the kernel saw it).
+                let r = libc::syscall(libc::SYS_clone3, 0usize, 0usize);
+                if r != -1 || *libc::__errno_location() != libc::ENOSYS {
+                    libc::_exit(11);
+                }
+                // A fork: trapped before it runs.
+                libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0);
+                libc::_exit(12);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        // Killed by SIGSYS, or our handler's exit status if another test
+        // of this process installed it before the fork.
+        let trapped = (libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS)
+            || (libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == EXIT_CODE);
+        assert!(
+            trapped,
+            "child status {status:#x} (exit {})",
+            libc::WEXITSTATUS(status)
         );
     }
 }

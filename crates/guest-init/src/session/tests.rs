@@ -603,7 +603,7 @@ fn concurrent_connections_through_the_accept_loop() {
                 unsafe { libc::close(fd) };
             }
         }
-        crate::agent::accept_loop(&OwnedFd::from(listener), &ctx());
+        crate::agent::serve_peers(&OwnedFd::from(listener), &ctx(), |_, _| true);
     }
     let _guard = ForkedChild(pid);
     drop(listener);
@@ -664,4 +664,46 @@ fn pure_helpers() {
         assert_eq!(Stage::from_u8(b).map(|s| s as u8), Some(b));
     }
     assert_eq!(Stage::from_u8(0), None);
+}
+
+/// The real accept loop serves the host (vsock CID 2) only: a peer that is
+/// not the host — here a Unix socket — is closed without an answer.
+#[test]
+fn the_accept_loop_closes_connections_not_from_the_host() {
+    use std::os::unix::net::UnixListener;
+    let dir = std::env::temp_dir().join(format!("locald-agent-peer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("agent.sock");
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    // SAFETY: as in `concurrent_connections_through_the_accept_loop`.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let keep = listener.as_raw_fd();
+        for fd in 3..4096 {
+            if fd != keep {
+                // SAFETY: closing descriptors in our own (forked) process.
+                unsafe { libc::close(fd) };
+            }
+        }
+        crate::agent::accept_loop(&OwnedFd::from(listener), &ctx());
+    }
+    let _guard = ForkedChild(pid);
+    drop(listener);
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    // The write may already fail if the loop closed the connection.
+    let _ = Frame::Exec(req(&["echo", "served"])).write_to(&mut s);
+    let mut got = Vec::new();
+    let r = std::io::Read::read_to_end(&mut s, &mut got);
+    assert!(
+        got.is_empty(),
+        "a non-host peer got an answer: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    // EOF or a reset, not a timeout: the connection was closed at once.
+    if let Err(e) = r {
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,6 +12,15 @@
 //! returns the device touches guest memory no more; it hands the handler
 //! back so the device can keep state across resets if it wants.
 //!
+//! **Teardown runs on the worker thread.** Before the thread ends (on
+//! [`Worker::stop`], on drop, or after its event loop failed) it calls
+//! [`QueueHandler::on_stop`], so a device's reset work (virtio-fs forgets
+//! its inodes and reopens the share root, vsock drops its host connections
+//! and their epoll registrations) runs under the worker's own seccomp
+//! filter, which allows those calls. The vCPU thread that wrote status 0
+//! only signals the stop eventfd and joins: its filter has no file-system
+//! or socket calls, and a guest that unbinds a driver must not end the VMM.
+//!
 //! A device that also waits on host file descriptors (sockets, timers)
 //! registers them from [`QueueHandler::init`] with data tokens in
 //! [`HANDLER_TOKENS`]; their events reach [`QueueHandler::process_event`].
@@ -43,6 +52,12 @@ pub trait QueueHandler: Send + 'static {
     /// An event on a descriptor the handler registered (its token is in
     /// [`HANDLER_TOKENS`]). `ops` may add, modify or remove registrations.
     fn process_event(&mut self, _events: Events, _ops: &mut EventOps) {}
+
+    /// Called once on the worker thread after its loop ended (the device
+    /// is being reset or dropped), before the handler is handed back: the
+    /// device's teardown (closing host connections, forgetting a session's
+    /// state). Runs under the worker's seccomp filter, never the vCPU's.
+    fn on_stop(&mut self) {}
 }
 
 /// Data tokens a handler may use for its own registrations: above every
@@ -130,7 +145,10 @@ impl<H: QueueHandler> Worker<H> {
                     break;
                 }
             }
-            mgr.remove_subscriber(id).ok().map(|s| s.handler)
+            let mut handler = mgr.remove_subscriber(id).ok()?.handler;
+            // The device's teardown, here under this thread's filter.
+            handler.on_stop();
+            Some(handler)
         })?;
         Ok(Worker {
             stop,
@@ -138,7 +156,9 @@ impl<H: QueueHandler> Worker<H> {
         })
     }
 
-    /// Stops the thread and returns the handler (None if the thread died).
+    /// Stops the thread and returns the handler (None if the thread died),
+    /// after [`QueueHandler::on_stop`] ran on the worker thread. The caller
+    /// only writes an eventfd and joins.
     pub fn stop(mut self) -> Option<H> {
         self.stop_inner()
     }
@@ -228,5 +248,32 @@ mod tests {
         q.write(1).unwrap();
         assert_eq!(wait(), Ok("queue"));
         assert!(w.stop().is_some());
+    }
+
+    /// Reports the thread `on_stop` ran on.
+    struct Teardown(mpsc::Sender<Option<String>>);
+    impl QueueHandler for Teardown {
+        fn process_queue(&mut self, _index: usize) {}
+        fn on_stop(&mut self) {
+            let name = std::thread::current().name().map(str::to_string);
+            self.0.send(name).unwrap();
+        }
+    }
+
+    #[test]
+    fn on_stop_runs_on_the_worker_thread_on_stop_and_on_drop() {
+        let q = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let w = Worker::spawn(
+            "virtio-test a",
+            vec![q.try_clone().unwrap()],
+            Teardown(tx.clone()),
+        )
+        .unwrap();
+        assert!(w.stop().is_some());
+        assert_eq!(rx.try_recv(), Ok(Some("virtio-test a".to_string())));
+        let w = Worker::spawn("virtio-test b", vec![q], Teardown(tx)).unwrap();
+        drop(w);
+        assert_eq!(rx.try_recv(), Ok(Some("virtio-test b".to_string())));
     }
 }

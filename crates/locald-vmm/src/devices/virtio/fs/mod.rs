@@ -95,6 +95,8 @@ pub struct FsHandler {
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     server: Arc<FsServer>,
+    /// The served file system, for the reset in [`QueueHandler::on_stop`].
+    fs: Arc<ShareFs>,
     interrupt: Arc<Interrupt>,
     warned: Warned,
     broken: bool,
@@ -121,6 +123,13 @@ impl QueueHandler for FsHandler {
         } else if pass.notify {
             self.interrupt.signal_used();
         }
+    }
+
+    /// Device reset or teardown, on this worker thread (its filter has the
+    /// `openat` this needs): a new driver starts a new FUSE session, so
+    /// drop every inode and handle the old one held and reopen the root.
+    fn on_stop(&mut self) {
+        fuse_backend_rs::api::filesystem::FileSystem::destroy(&*self.fs);
     }
 }
 
@@ -184,6 +193,7 @@ impl VirtioDevice for Fs {
             mem: a.mem,
             queues: a.queues,
             server: self.server.clone(),
+            fs: self.fs.clone(),
             interrupt: a.interrupt,
             warned: Warned::default(),
             broken: false,
@@ -195,12 +205,12 @@ impl VirtioDevice for Fs {
     }
 
     fn reset(&mut self) {
+        // The worker forgets the session's inodes and handles on its own
+        // thread before it ends (`FsHandler::on_stop`); this (vCPU) thread
+        // may not open files.
         if let Some(w) = self.worker.take() {
             w.stop();
         }
-        // A new driver starts a new FUSE session: drop every inode and
-        // handle the old one held.
-        fuse_backend_rs::api::filesystem::FileSystem::destroy(&*self.fs);
     }
 }
 

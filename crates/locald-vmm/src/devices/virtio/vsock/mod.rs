@@ -14,7 +14,8 @@
 //!   functions over a `Queue`, guest memory and a [`Muxer`]
 //!   (unit-tested with mock queues).
 //! - [`VsockHandler`] is the glue the worker thread ("virtio-vsock") runs:
-//!   on queue notifications and on the muxer's host events.
+//!   on queue notifications and on the muxer's host events, and at a
+//!   device reset, where it drops the host connections on that thread.
 //! - [`packet`] parses and writes packets, [`connection`] is one stream's
 //!   state machine and flow control, [`connect`] the CONNECT line,
 //!   [`muxer`] the routing and host sockets.
@@ -276,6 +277,12 @@ impl QueueHandler for VsockHandler {
             self.interrupt.signal_used();
         }
     }
+
+    /// Device reset: drop every host connection (shutdown, epoll_ctl), on
+    /// this worker thread, whose filter allows it. The listener stays.
+    fn on_stop(&mut self) {
+        self.muxer.reset();
+    }
 }
 
 /// The vsock device.
@@ -381,8 +388,9 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         if let Some(w) = self.worker.take() {
-            if let Some(mut h) = w.stop() {
-                h.muxer.reset();
+            // The worker reset the muxer before handing it back
+            // (`VsockHandler::on_stop`).
+            if let Some(h) = w.stop() {
                 self.muxer = Some(h.muxer);
             }
         }
