@@ -39,13 +39,10 @@ fn mkdir(p: &Path, mode: u32) {
 }
 
 fn root_or_skip() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if common::is_root() {
         return true;
     }
-    eprintln!("=================================================================");
-    eprintln!("SKIPPED: this test chowns to uid {ATTACKER} and needs root — NOT run");
-    eprintln!("=================================================================");
+    common::skip(common::Why::NotRoot("chown to another uid"));
     false
 }
 

@@ -12,11 +12,8 @@ use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn skip(why: &str) {
-    eprintln!("=================================================================");
-    eprintln!("SKIPPED: {why} — virtio-net real-Linux test NOT run");
-    eprintln!("=================================================================");
-}
+mod common;
+use common::{skip, Why};
 
 /// A network namespace, deleted on drop.
 struct NetNs(String);
@@ -34,7 +31,7 @@ impl NetNs {
             .map(|s| s.success())
             .unwrap_or(false);
         if !ok {
-            skip("cannot create a network namespace (needs root and iproute2)");
+            skip(Why::NotRoot("network namespaces (ip netns add)"));
             return None;
         }
         let ns = NetNs(name);
@@ -114,15 +111,15 @@ fn http_get_until(addr: &str, limit: Duration) -> Option<String> {
 
 fn prerequisites(need_tun: bool, need_passt: bool) -> bool {
     if !std::path::Path::new("/dev/kvm").exists() {
-        skip("/dev/kvm not present");
+        skip(Why::NoKvm);
         return false;
     }
     if need_tun && !std::path::Path::new("/dev/net/tun").exists() {
-        skip("/dev/net/tun not present");
+        skip(Why::Missing("/dev/net/tun"));
         return false;
     }
     if need_passt && Command::new("passt").arg("--version").output().is_err() {
-        skip("passt not installed (apt install passt)");
+        skip(Why::Missing("passt (apt install passt)"));
         return false;
     }
     true

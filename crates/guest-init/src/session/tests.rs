@@ -472,9 +472,8 @@ fn tty_signal_and_host_close() {
 
 #[test]
 fn uid_and_gid_are_applied() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root");
+    if !crate::test_support::is_root() {
+        crate::test_support::skip(crate::test_support::Why::NotRoot("setuid/setgid"));
         return;
     }
     let mut r = sh("id -u; id -g; id -G");

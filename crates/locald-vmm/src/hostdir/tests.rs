@@ -27,7 +27,7 @@ fn root_or_skip() -> bool {
     if euid() == 0 {
         return true;
     }
-    eprintln!("SKIPPED: this test chowns to another uid and needs root");
+    crate::test_support::skip(crate::test_support::Why::NotRoot("chown to another uid"));
     false
 }
 

@@ -523,9 +523,10 @@ impl NetNs {
         {
             Ok(s) if s.success() => Some(NetNs(name)),
             other => {
-                eprintln!("=============================================================");
-                eprintln!("SKIPPED: cannot create a network namespace ({other:?}; needs root and iproute2)");
-                eprintln!("=============================================================");
+                eprintln!("cannot create a network namespace: {other:?}");
+                crate::test_support::skip(crate::test_support::Why::NotRoot(
+                    "network namespaces (ip netns add)",
+                ));
                 None
             }
         }
@@ -617,7 +618,7 @@ fn have_tun() -> bool {
     if std::path::Path::new("/dev/net/tun").exists() {
         return true;
     }
-    eprintln!("SKIPPED: /dev/net/tun absent — TAP backend test NOT run");
+    crate::test_support::skip(crate::test_support::Why::Missing("/dev/net/tun"));
     false
 }
 
@@ -681,9 +682,9 @@ fn have_passt() -> bool {
         .status()
         .is_ok();
     if !ok {
-        eprintln!("=============================================================");
-        eprintln!("SKIPPED: passt not installed (apt install passt) — passt backend test NOT run");
-        eprintln!("=============================================================");
+        crate::test_support::skip(crate::test_support::Why::Missing(
+            "passt (apt install passt)",
+        ));
     }
     ok
 }
