@@ -74,9 +74,13 @@ fn input_has_sentinel_bytes(data: &[u8]) -> bool {
     data.windows(8).any(|w| SENTINEL.windows(8).any(|s| s == w))
 }
 
+/// The INIT a guest kernel sends: every flag offered. The flags include
+/// `FUSE_INIT_EXT`, so `fuse_init_in`'s 48-byte extension (`flags2` and
+/// reserved words) must follow, or the server fails to decode the message
+/// and the session is never initialised.
 fn init_message() -> Vec<u8> {
     let mut m = Vec::new();
-    for v in [40u32 + 16, 26] {
+    for v in [40u32 + 16 + 48, 26] {
         m.extend_from_slice(&v.to_le_bytes());
     }
     m.extend_from_slice(&1u64.to_le_bytes()); // unique
@@ -85,6 +89,7 @@ fn init_message() -> Vec<u8> {
     for v in [7u32, 31, 0x2_0000, 0xffff_ffff] {
         m.extend_from_slice(&v.to_le_bytes());
     }
+    m.extend_from_slice(&[0u8; 48]); // flags2, unused[11]
     m
 }
 
