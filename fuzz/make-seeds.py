@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Writes the hand-made seeds of the exit_port, i8042, serial, virtio_net and
-vsock_packet fuzz targets into fuzz/seeds/TARGET/ (standard library only;
-the output is deterministic, so running it again changes nothing).
+"""Writes the hand-made seeds of the exit_port, i8042, net_segment, serial,
+virtio_fs, virtio_net and vsock_packet fuzz targets into fuzz/seeds/TARGET/
+(standard library only; the output is deterministic, so running it again
+changes nothing).
 
     python3 fuzz/make-seeds.py
 
@@ -640,6 +641,443 @@ def _():
     s += pkt(OP_SHUTDOWN, 1, 5, flags=2, buf_alloc=4096, fwd_cnt=192) + drain()
     s += host(0, 1) + host(0, 3) + drain()
     return s
+
+
+# ----- virtio_fs ------------------------------------------------------------
+# A control byte (bit 0 clear: the target serves its own INIT first), then
+# up to 8 messages in all, each a u16 reply-buffer size (0: no reply
+# descriptor) and one FUSE message whose in_header.len (its first 4 bytes)
+# says where it ends (cut at the end of the input, at most 0x8000 bytes).
+# Every input gets a fresh share: share/{file ("hello"), dir/, up ->
+# ../sentinel} next to base/sentinel. Node ids and file handles are the
+# passthrough's counters: the root is 1, the first new inode 2, the first
+# handle 1, each in the order the messages make them.
+FUSE_LOOKUP, FUSE_FORGET, FUSE_GETATTR, FUSE_SETATTR = 1, 2, 3, 4
+FUSE_READLINK, FUSE_SYMLINK, FUSE_MKNOD, FUSE_MKDIR = 5, 6, 8, 9
+FUSE_UNLINK, FUSE_RMDIR, FUSE_RENAME, FUSE_LINK = 10, 11, 12, 13
+FUSE_OPEN, FUSE_READ, FUSE_WRITE, FUSE_STATFS = 14, 15, 16, 17
+FUSE_RELEASE, FUSE_FSYNC, FUSE_SETXATTR, FUSE_GETXATTR = 18, 20, 21, 22
+FUSE_LISTXATTR, FUSE_REMOVEXATTR, FUSE_FLUSH, FUSE_INIT = 23, 24, 25, 26
+FUSE_OPENDIR, FUSE_READDIR, FUSE_RELEASEDIR, FUSE_ACCESS = 27, 28, 29, 34
+FUSE_CREATE, FUSE_DESTROY, FUSE_BATCH_FORGET, FUSE_FALLOCATE = 35, 38, 42, 43
+FUSE_READDIRPLUS, FUSE_RENAME2, FUSE_LSEEK = 44, 45, 46
+ROOT = 1
+O_RDONLY, O_WRONLY, O_RDWR, O_CREAT, O_EXCL, O_TRUNC = 0, 1, 2, 0o100, 0o200, 0o1000
+O_DIRECTORY, O_PATH = 0o200000, 0o10000000
+INIT_EXT = 1 << 30
+
+
+class Fuse:
+    """Builds one virtio_fs input: FUSE messages with increasing unique ids."""
+
+    def __init__(self, own_init=False):
+        self.ctl = 1 if own_init else 0
+        self.msgs = []
+
+    def msg(self, op, nodeid, body=b"", reply=0x1000, length=None):
+        n = 40 + len(body) if length is None else length
+        hdr = struct.pack("<IIQQIIII", n, op, len(self.msgs) + 2, nodeid, 0, 0, 0, 0)
+        self.msgs.append(struct.pack("<H", reply) + hdr + body)
+        assert len(self.msgs) + (1 - self.ctl) <= 8, "the target serves 8 messages"
+        return self
+
+    def bytes(self):
+        return bytes([self.ctl]) + b"".join(self.msgs)
+
+
+def cstr(*names):
+    return b"".join(n + b"\0" for n in names)
+
+
+def init_in(major=7, minor=38, flags=0xFFFFFFFF, flags2=None):
+    b = struct.pack("<IIII", major, minor, 0x20000, flags)
+    if flags2 is not None:  # fuse_init_in's extension (FUSE_INIT_EXT)
+        b += struct.pack("<I", flags2) + bytes(44)
+    return b
+
+
+def read_in(fh, offset, size):
+    return struct.pack("<QQIIQII", fh, offset, size, 0, 0, 0, 0)
+
+
+def release_in(fh, flags=0):
+    return struct.pack("<QIIQ", fh, flags, 0, 0)
+
+
+def create_in(flags, mode=0o100644, umask=0o022):
+    return struct.pack("<IIII", flags, mode, umask, 0)
+
+
+def setattr_in(valid, size=0, mode=0, fh=0):
+    return struct.pack("<IIQQQQQQIIIIIIII", valid, 0, fh, size, 0, 0, 0, 0,
+                       0, 0, 0, mode, 0, 0, 0, 0)
+
+
+# A v2 `security.capability` value granting CAP_SETUID|CAP_SYS_ADMIN
+# (struct vfs_cap_data): the guest must never plant this on a host file.
+VFS_CAP = struct.pack("<IIIII", 0x02000001, (1 << 7) | (1 << 21), 0, 0, 0)
+
+
+@seed("virtio_fs", "read_file")
+def _():
+    # The target's INIT, then what `cat /share/file` does: LOOKUP (node 2),
+    # GETATTR, OPEN (fh 1), READ, FLUSH, RELEASE, and the kernel's FORGET
+    # (no reply descriptor).
+    f = Fuse()
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"file"))
+    f.msg(FUSE_GETATTR, 2, struct.pack("<IIQ", 0, 0, 0))
+    f.msg(FUSE_OPEN, 2, struct.pack("<II", O_RDONLY, 0))
+    f.msg(FUSE_READ, 2, read_in(1, 0, 4096), reply=0x2000)
+    f.msg(FUSE_FLUSH, 2, struct.pack("<QIIQ", 1, 0, 0, 0))
+    f.msg(FUSE_RELEASE, 2, release_in(1))
+    f.msg(FUSE_FORGET, 2, struct.pack("<Q", 1), reply=0)
+    return f.bytes()
+
+
+@seed("virtio_fs", "readdir")
+def _():
+    # `ls -l`: LOOKUP dir (node 2) and list it (fh 1), then the root (fh 2)
+    # with READDIR and READDIRPLUS (which looks up every entry).
+    f = Fuse()
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"dir"))
+    f.msg(FUSE_OPENDIR, 2, struct.pack("<II", O_RDONLY | O_DIRECTORY, 0))
+    f.msg(FUSE_READDIR, 2, read_in(1, 0, 4096), reply=0x1800)
+    f.msg(FUSE_RELEASEDIR, 2, release_in(1))
+    f.msg(FUSE_OPENDIR, ROOT, struct.pack("<II", O_RDONLY | O_DIRECTORY, 0))
+    f.msg(FUSE_READDIR, ROOT, read_in(2, 0, 4096), reply=0x1800)
+    f.msg(FUSE_READDIRPLUS, ROOT, read_in(2, 0, 4096), reply=0x1800)
+    return f.bytes()
+
+
+@seed("virtio_fs", "create_write_rename")
+def _():
+    # CREATE new (node 2, fh 1), WRITE, READ it back, RELEASE, LOOKUP dir
+    # (node 3), RENAME into dir, UNLINK there.
+    data = b"written by the guest\n"
+    f = Fuse()
+    f.msg(FUSE_CREATE, ROOT, create_in(O_CREAT | O_EXCL | O_RDWR) + cstr(b"new"))
+    f.msg(FUSE_WRITE, 2, struct.pack("<QQIIQII", 1, 0, len(data), 0, 0, 0, 0) + data)
+    f.msg(FUSE_READ, 2, read_in(1, 0, 64), reply=0x100)
+    f.msg(FUSE_RELEASE, 2, release_in(1, O_RDWR))
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"dir"))
+    f.msg(FUSE_RENAME, ROOT, struct.pack("<Q", 3) + cstr(b"new", b"moved"))
+    f.msg(FUSE_UNLINK, 3, cstr(b"moved"))
+    return f.bytes()
+
+
+@seed("virtio_fs", "xattrs")
+def _():
+    # user.* set, sized (size 0), read with a huge size (capped at
+    # XATTR_SIZE_MAX), listed and removed; security.capability refused.
+    f = Fuse()
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"file"))
+    f.msg(FUSE_SETXATTR, 2, struct.pack("<II", 5, 0) + cstr(b"user.locald") + b"value")
+    f.msg(FUSE_GETXATTR, 2, struct.pack("<II", 0, 0) + cstr(b"user.locald"))
+    f.msg(FUSE_GETXATTR, 2, struct.pack("<II", 0xFFFFFFFF, 0) + cstr(b"user.locald"),
+          reply=0xFFFF)
+    f.msg(FUSE_SETXATTR, 2,
+          struct.pack("<II", len(VFS_CAP), 0) + cstr(b"security.capability") + VFS_CAP)
+    f.msg(FUSE_LISTXATTR, 2, struct.pack("<II", 4096, 0))
+    f.msg(FUSE_REMOVEXATTR, 2, cstr(b"user.locald"))
+    return f.bytes()
+
+
+@seed("virtio_fs", "xattr_namespaces")
+def _():
+    # The other namespaces: security.capability read and removed (allowed),
+    # trusted.* hidden and not settable, an ACL refused, a SETXATTR whose
+    # size disagrees with its value, LISTXATTR asking for the size.
+    f = Fuse()
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"file"))
+    f.msg(FUSE_GETXATTR, 2, struct.pack("<II", 64, 0) + cstr(b"security.capability"))
+    f.msg(FUSE_GETXATTR, 2, struct.pack("<II", 64, 0) + cstr(b"trusted.overlay.opaque"))
+    f.msg(FUSE_SETXATTR, 2,
+          struct.pack("<II", 1, 0) + cstr(b"trusted.overlay.opaque") + b"y")
+    acl = struct.pack("<IHHI", 2, 1, 6, 0xFFFFFFFF) + struct.pack("<HHI", 2, 6, 0)
+    f.msg(FUSE_SETXATTR, 2,
+          struct.pack("<II", len(acl), 0) + cstr(b"system.posix_acl_access") + acl)
+    f.msg(FUSE_SETXATTR, 2, struct.pack("<II", 99, 0) + cstr(b"user.x") + b"abc")
+    f.msg(FUSE_REMOVEXATTR, 2, cstr(b"security.capability"))
+    return f.bytes()
+
+
+@seed("virtio_fs", "escape_lookups")
+def _():
+    # The symlink to the sentinel looked up (node 2), read and opened
+    # (never followed), then `..` at the root and names with '/'.
+    f = Fuse()
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"up"))
+    f.msg(FUSE_READLINK, 2)
+    f.msg(FUSE_OPEN, 2, struct.pack("<II", O_RDWR | O_TRUNC, 0))
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b".."))
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"../sentinel"))
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"dir/../../sentinel"))
+    f.msg(FUSE_OPEN, ROOT, struct.pack("<II", O_RDONLY | O_PATH, 0))
+    return f.bytes()
+
+
+@seed("virtio_fs", "escape_changes")
+def _():
+    # Changes aimed outside: CREATE through `..` and through the symlink's
+    # name, SYMLINK to the sentinel (made, never followed), MKDIR with '/',
+    # LINK of node 2 (a symlink, whichever CREATE or SYMLINK made it) with
+    # '/', RENAME and UNLINK of `../sentinel`.
+    f = Fuse()
+    f.msg(FUSE_CREATE, ROOT, create_in(O_CREAT | O_WRONLY) + cstr(b"../escaped"))
+    f.msg(FUSE_CREATE, ROOT, create_in(O_CREAT | O_WRONLY | O_TRUNC) + cstr(b"up"))
+    f.msg(FUSE_SYMLINK, ROOT, cstr(b"link", b"../sentinel"))
+    f.msg(FUSE_MKDIR, ROOT, struct.pack("<II", 0o755, 0o022) + cstr(b"dir/../../x"))
+    f.msg(FUSE_LINK, ROOT, struct.pack("<Q", 2) + cstr(b"../hard"))
+    f.msg(FUSE_RENAME, ROOT, struct.pack("<Q", ROOT) + cstr(b"file", b"../sentinel"))
+    f.msg(FUSE_UNLINK, ROOT, cstr(b"../sentinel"))
+    return f.bytes()
+
+
+@seed("virtio_fs", "setattr_mknod")
+def _():
+    # A set-user-id chmod (bit dropped), truncation, a character device
+    # (EPERM), a FIFO, a set-group-id directory, STATFS.
+    f = Fuse()
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"file"))
+    f.msg(FUSE_SETATTR, 2, setattr_in(0x1, mode=0o104755))
+    f.msg(FUSE_SETATTR, 2, setattr_in(0x8, size=2))
+    f.msg(FUSE_MKNOD, ROOT, struct.pack("<IIII", 0o020600, 0x0103, 0, 0) + cstr(b"tty"))
+    f.msg(FUSE_MKNOD, ROOT, struct.pack("<IIII", 0o010644, 0, 0o022, 0) + cstr(b"fifo"))
+    f.msg(FUSE_MKDIR, ROOT, struct.pack("<II", 0o2775, 0o022) + cstr(b"sub"))
+    f.msg(FUSE_STATFS, ROOT)
+    return f.bytes()
+
+
+@seed("virtio_fs", "own_init_malformed")
+def _():
+    # The input's own INIT (7.38 with the FUSE_INIT_EXT extension), then
+    # broken requests: a reply buffer too small for the entry, no reply
+    # descriptor, an unknown opcode, an empty name (in_header.len 40),
+    # BATCH_FORGET, DESTROY, and a length over the server's 1 MiB limit.
+    f = Fuse(own_init=True)
+    f.msg(FUSE_INIT, 0, init_in(flags2=0xFFFFFFFF))
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"file"), reply=24)
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"dir"), reply=0)
+    f.msg(9999, ROOT, b"\0" * 8)
+    f.msg(FUSE_LOOKUP, ROOT, length=40)
+    f.msg(FUSE_BATCH_FORGET, 0, struct.pack("<IIQQQQ", 2, 0, 2, 1, 3, 1), reply=0)
+    f.msg(FUSE_DESTROY, 0)
+    f.msg(FUSE_GETATTR, ROOT, struct.pack("<IIQ", 0, 0, 0), length=0x200000)
+    return f.bytes()
+
+
+@seed("virtio_fs", "init_versions")
+def _():
+    # INIT versions: major 6 (EPROTO), 8 (the server asks for 7.x), minor 5
+    # and 22 (short replies), 38 without the extension; then requests on
+    # handles that do not exist and a header cut short.
+    f = Fuse(own_init=True)
+    f.msg(FUSE_INIT, 0, init_in(major=6))
+    f.msg(FUSE_INIT, 0, init_in(major=8))
+    f.msg(FUSE_INIT, 0, init_in(minor=5, flags=0))
+    f.msg(FUSE_INIT, 0, init_in(minor=22, flags=0xFFFFFFFF & ~INIT_EXT))
+    f.msg(FUSE_INIT, 0, init_in(minor=38, flags=0x1FFFFFFF))
+    f.msg(FUSE_READ, ROOT, read_in(77, 0, 0xFFFFFFFF), reply=0x2000)
+    f.msg(FUSE_WRITE, 99, struct.pack("<QQIIQII", 5, 0, 4, 0, 0, 0, 0) + b"data")
+    f.msgs.append(struct.pack("<H", 0x100) + struct.pack("<II", 8, FUSE_LOOKUP))
+    return f.bytes()
+
+
+@seed("virtio_fs", "open_file_ops")
+def _():
+    # Requests on an open file (fh 1): FSYNC, FALLOCATE, LSEEK (SEEK_DATA),
+    # GETATTR by handle; RENAME2 with RENAME_NOREPLACE onto an existing name.
+    f = Fuse()
+    f.msg(FUSE_LOOKUP, ROOT, cstr(b"file"))
+    f.msg(FUSE_OPEN, 2, struct.pack("<II", O_RDWR, 0))
+    f.msg(FUSE_FSYNC, 2, struct.pack("<QII", 1, 1, 0))
+    f.msg(FUSE_FALLOCATE, 2, struct.pack("<QQQII", 1, 0, 4096, 0, 0))
+    f.msg(FUSE_LSEEK, 2, struct.pack("<QQII", 1, 0, 3, 0))
+    f.msg(FUSE_GETATTR, 2, struct.pack("<IIQ", 1, 0, 1))
+    f.msg(FUSE_RENAME2, ROOT, struct.pack("<QII", ROOT, 1, 0) + cstr(b"file", b"dir"))
+    return f.bytes()
+
+
+# ----- net_segment ----------------------------------------------------------
+# mode byte % 3: 0 raw (the rest is the packet: virtio-net header then
+# frame), 1 IPv4 TCP, 2 IPv6 TCP built by the target from: gso_size u16
+# (% 3000), TCP option words byte (% 11), payload length u16 (payload
+# generated), 12 MAC bytes, 8 (IPv4) or 32 (IPv6) address bytes, 12 TCP
+# bytes (ports, seq, ack), TCP flags, a lie byte (0: then frame offset u16
+# and the byte to put there), a gso selector (% 4: 0 none, 1 TCPV4/TCPV6,
+# 2 TCPV4|ECN, 3 the next byte). The target's header always has
+# NEEDS_CSUM, csum_start at TCP, csum_offset 16.
+ADDR4 = bytes([10, 0, 2, 15, 10, 0, 2, 2])
+ADDR6 = b"\xfd" + bytes(14) + b"\x0f" + b"\xfd" + bytes(14) + b"\x02"
+TCP12 = struct.pack("!HHII", 40000, 443, 0xFFFFFFF0, 1)
+FIN, PSH, ACK, CWR = 0x01, 0x08, 0x10, 0x80
+
+
+def tcp_seed(v4, gso_size, words, plen, flags, gso_sel, lie=None, gso_raw=None):
+    s = bytes([1 if v4 else 2]) + struct.pack("<HBH", gso_size, words, plen)
+    s += MAC_H + MAC_G + (ADDR4 if v4 else ADDR6) + TCP12 + bytes([flags])
+    s += b"\x01" if lie is None else b"\x00" + struct.pack("<HB", *lie)
+    s += bytes([gso_sel]) + (b"" if gso_raw is None else bytes([gso_raw]))
+    return s
+
+
+def sum16(b, acc=0):
+    if len(b) % 2:
+        b += b"\0"
+    for i in range(0, len(b), 2):
+        acc += (b[i] << 8) | b[i + 1]
+    while acc >> 16:
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return acc
+
+
+def raw_seed(hdr, frame):
+    return b"\x00" + hdr + frame
+
+
+def vlan_tso4_frame(payload):
+    """Ethernet + 802.1Q tag + IPv4 + TCP, lengths right, the TCP checksum
+    field holding the pseudo-header sum as Linux leaves it."""
+    tot = 20 + 20 + len(payload)
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, tot, 0x1234, 0x4000, 64, 6, 0,
+                               ADDR4[:4], ADDR4[4:]))
+    ip[10:12] = struct.pack("!H", ~sum16(bytes(ip)) & 0xFFFF)
+    partial = sum16(ADDR4, 6 + 20 + len(payload))
+    tcp = TCP12 + struct.pack("!BBHHH", 0x50, ACK | PSH, 65535, partial, 0)
+    return MAC_H + MAC_G + b"\x81\x00\x00\x05\x08\x00" + bytes(ip) + tcp + payload
+
+
+@seed("net_segment", "tso4_options")
+def _():
+    # TSO4, MSS 1448, 40 bytes of TCP options (doff 15), 4000 bytes: three
+    # segments; FIN/PSH on the last only, CWR on the first only.
+    return tcp_seed(True, 1448, 10, 4000, ACK | PSH | FIN | CWR, 1)
+
+
+@seed("net_segment", "tso4_ecn")
+def _():
+    # TSO4|ECN, MSS 536, 12 option bytes, a payload of 64 KiB - 1 - 64 (the
+    # largest IPv4 packet this option size allows).
+    return tcp_seed(True, 536, 3, 65535 - 20 - 32 - 20, ACK | CWR, 2)
+
+
+@seed("net_segment", "tso6")
+def _():
+    # TSO6, MSS 1428, 8 option bytes, 3000 bytes, a payload not a multiple
+    # of the MSS.
+    return tcp_seed(False, 1428, 2, 3000, ACK | PSH, 1)
+
+
+@seed("net_segment", "tso6_ecn_as_v4")
+def _():
+    # An IPv6 frame whose header says TCPV4|ECN: refused.
+    return tcp_seed(False, 1000, 0, 2500, ACK, 2)
+
+
+@seed("net_segment", "tso6_ecn")
+def _():
+    # TSO6|ECN through the raw gso selector, 20 option bytes, FIN.
+    return tcp_seed(False, 1000, 5, 2500, ACK | FIN, 3, gso_raw=0x84)
+
+
+@seed("net_segment", "csum_only_tcp")
+def _():
+    # Checksum offload only (gso none) on an odd-length TCP payload.
+    return tcp_seed(True, 0, 1, 25, ACK | PSH, 0)
+
+
+@seed("net_segment", "csum_only_udp")
+def _():
+    # Raw: a UDP datagram with NEEDS_CSUM at 34+6 (the driver's partial
+    # sum in the field); then the same completed in place.
+    payload = b"mdns query, odd."
+    ulen = 8 + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 1, 0x4000, 64, 17, 0,
+                     ADDR4[:4], ADDR4[4:])
+    udp = struct.pack("!HHHH", 5353, 5353, ulen, sum16(ADDR4, 17 + ulen))
+    frame = MAC_H + MAC_G + b"\x08\x00" + ip + udp + payload
+    return raw_seed(vnet_hdr(1, 0, 0, 0, 34, 6), frame)
+
+
+@seed("net_segment", "plain")
+def _():
+    # Raw, no offload: an ARP request must come out unchanged.
+    return raw_seed(vnet_hdr(), arp_request())
+
+
+@seed("net_segment", "vlan_tso4")
+def _():
+    # Raw: a VLAN-tagged TSO4 packet (only raw mode reaches the 802.1Q
+    # path), MSS 700, 2000 bytes.
+    payload = bytes((i * 7 + 3) & 0xFF for i in range(2000))
+    return raw_seed(vnet_hdr(1, 1, 58, 700, 38, 16), vlan_tso4_frame(payload))
+
+
+@seed("net_segment", "tso4_ip_length_lies")
+def _():
+    # The IPv4 total length's high byte overwritten: IP length and frame
+    # disagree (refused, nothing emitted).
+    return tcp_seed(True, 1448, 0, 3000, ACK, 1, lie=(16, 0xFF))
+
+
+@seed("net_segment", "tso4_length_wraps")
+def _():
+    # A payload so large the 16-bit IPv4 length wraps (65535 + 60).
+    return tcp_seed(True, 1448, 5, 65535, ACK, 1)
+
+
+@seed("net_segment", "tso4_fragment")
+def _():
+    # More-fragments set in a segmented packet: refused.
+    return tcp_seed(True, 1448, 0, 2000, ACK, 1, lie=(20, 0x20))
+
+
+@seed("net_segment", "tso4_doff_past_end")
+def _():
+    # TCP data offset 15 on a packet with no payload and no options: the
+    # header runs past the frame.
+    return tcp_seed(True, 1448, 0, 0, ACK, 1, lie=(46, 0xF0))
+
+
+@seed("net_segment", "tso6_extension_header")
+def _():
+    # IPv6 next header 0 (hop-by-hop) in a TSO6 packet: refused.
+    return tcp_seed(False, 1428, 0, 2000, ACK, 1, lie=(20, 0))
+
+
+@seed("net_segment", "tso_tiny_mss")
+def _():
+    # MSS 1 over 300 bytes (300 segments), and an empty FIN segment.
+    return tcp_seed(True, 1, 0, 300, ACK | FIN, 1)
+
+
+@seed("net_segment", "tso_wrong_types")
+def _():
+    # A TCPV6 type on an IPv4 frame, then GSO_UDP (unsupported).
+    return tcp_seed(True, 1448, 0, 2000, ACK, 3, gso_raw=4)
+
+
+@seed("net_segment", "gso_udp")
+def _():
+    return tcp_seed(True, 1448, 0, 2000, ACK, 3, gso_raw=3)
+
+
+@seed("net_segment", "raw_malformed")
+def _():
+    # Raw: a TSO4 header in front of a frame cut inside the IPv4 header.
+    return raw_seed(vnet_hdr(1, 1, 54, 1448, 34, 16), ipv4_tcp(100)[:30])
+
+
+@seed("net_segment", "raw_csum_outside")
+def _():
+    # Raw: checksum offset past the end of the frame.
+    return raw_seed(vnet_hdr(1, 0, 0, 0, 0xFFF0, 16), arp_request())
+
+
+@seed("net_segment", "raw_runt")
+def _():
+    # Raw: shorter than the virtio-net header.
+    return raw_seed(b"", b"\x01\x01\x00\x00\x05")
 
 
 def main():
