@@ -38,6 +38,7 @@ mod sys;
 #[cfg(test)]
 #[path = "../../locald-vmm/src/test_support.rs"]
 mod test_support;
+mod vector;
 
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -106,13 +107,17 @@ fn run(port: ExitPort) -> Ending {
         console::error("sigprocmask", e);
         return Ending::Exit(CODE_INIT_FAILURE);
     }
-    let spec = match spec::read(Path::new(spec::SPEC_DIR)) {
+    let mut spec = match spec::read(Path::new(spec::SPEC_DIR)) {
         Ok(s) => s,
         Err((what, e)) => {
             console::error(what, e);
             return Ending::Exit(CODE_INIT_FAILURE);
         }
     };
+    // Vector registers the kernel would not preserve: keep glibc off them.
+    if vector::unmanaged_here() {
+        vector::add_tunables(&mut spec.env);
+    }
     // Read before the root switch (the file is in the initramfs).
     let shares = match shares::read(Path::new(spec::SPEC_DIR)) {
         Ok(s) => s,
