@@ -79,6 +79,7 @@ fn init_main() -> libc::c_int {
         console::error("refusing to run", "not PID 1");
         return CODE_INIT_FAILURE.into();
     }
+    vector::reexec_init_if_needed();
     let port = ExitPort::open();
     port.marker(Marker::UserspaceReached);
     std::panic::set_hook(Box::new(move |info| {

@@ -11,8 +11,15 @@
 //! (docs/software-kvm.md, "Vector state"; a busybox pipeline crashed on an
 //! AVX-512 host). When init finds that mismatch it adds
 //! [`GLIBC_NO_AVX_TUNABLES`] to every command's environment ([`add_tunables`]), so glibc keeps
-//! to its SSE code. Programs that use AVX without glibc's dispatch are not
-//! covered.
+//! to its SSE code, and first re-executes itself with them
+//! ([`reexec_init_if_needed`]): init (the agent, which copies every byte
+//! of a command's output) is a glibc program too, and lost 16-byte halves
+//! of its 32-byte AVX2 copies that way. Programs that use AVX without
+//! glibc's dispatch are not covered.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStringExt;
 
 /// Keeps glibc (2.33 and later) off every AVX-family code path.
 pub const GLIBC_NO_AVX_TUNABLES: (&[u8], &[u8]) = (
@@ -35,6 +42,49 @@ pub fn add_tunables(env: &mut Vec<(Vec<u8>, Vec<u8>)>) {
             v.extend_from_slice(ours);
         }
     }
+}
+
+/// Makes init itself keep glibc off AVX: if this machine needs it
+/// ([`unmanaged_here`], after mounting `/proc` to read the kernel's flags)
+/// and init's own environment lacks the tunables, re-executes
+/// `/proc/self/exe` with them added (PID 1 stays PID 1; glibc reads the
+/// tunables only at program start). Returns if no re-exec is needed or it
+/// failed (logged): init then goes on as before. Called first thing, before
+/// any I/O port or mount other than `/proc`.
+pub fn reexec_init_if_needed() {
+    let mut env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
+        .map(|(k, v)| (k.into_vec(), v.into_vec()))
+        .collect();
+    let before = env.clone();
+    // EBUSY (already mounted) and other failures just mean no check.
+    // SAFETY: NUL-terminated literals; mounting proc on the initramfs' /proc.
+    unsafe {
+        libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    add_tunables(&mut env);
+    if env == before || !unmanaged_here() {
+        return;
+    }
+    let argv: Vec<CString> = std::env::args_os()
+        .filter_map(|a| CString::new(a.into_vec()).ok())
+        .collect();
+    let envp = crate::spec::envp(&env);
+    let ptrs = |v: &[CString]| {
+        let mut p: Vec<*const libc::c_char> = v.iter().map(|c| c.as_ptr()).collect();
+        p.push(std::ptr::null());
+        p
+    };
+    let (argv_p, envp_p) = (ptrs(&argv), ptrs(&envp));
+    // SAFETY: NULL-terminated arrays of NUL-terminated strings that outlive
+    // the call; execve returns only on failure.
+    unsafe { libc::execve(c"/proc/self/exe".as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
+    crate::console::error("re-exec with GLIBC_TUNABLES", io::Error::last_os_error());
 }
 
 /// True when user mode can hold AVX state (CPUID.1:ECX OSXSAVE and AVX set,
