@@ -340,19 +340,31 @@ fn named_vm_exec_publish_stop() {
         assert!(log.contains(want), "'{want}' after rebinding: {log}");
     }
     // The VMM outlived every reset (it used to exit 159 on the fs and vsock
-    // resets), and the agent is reached over the re-activated vsock.
-    // Known gap: after a vsock re-activation a stream stalls after its
-    // first packets (also without seccomp, before this change), so only
-    // the first output is checked and the exec is bounded.
+    // resets), and the agent is reached over the re-activated vsock with
+    // full exchanges, each well past one credit window (256 KiB) and
+    // checked to the byte: 512 KiB from the guest, 512 KiB to it. (A
+    // stream used to stall after its first packets here.)
     assert!(serve_pid(&name).is_some(), "the VMM is gone: {log}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, out) = exec_bounded(&name, "echo alive", Duration::from_secs(10));
-        if out == b"alive\n" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no answer over vsock: {out:?}");
-    }
+    const BULK: usize = 512 * 1024;
+    let (code, out) = exec_bounded(
+        &name,
+        "dd if=/dev/zero bs=1k count=512 2>/dev/null | tr '\\0' x",
+        None,
+        Duration::from_secs(120),
+    );
+    assert_eq!(code, Some(0), "guest -> host after the vsock rebind");
+    assert_eq!(out.len(), BULK, "guest -> host after the vsock rebind");
+    assert!(out.iter().all(|&b| b == b'x'), "corrupted stream");
+    let (code, out) = exec_bounded(
+        &name,
+        "wc -c",
+        Some(vec![b'y'; BULK]),
+        Duration::from_secs(120),
+    );
+    assert_eq!(code, Some(0), "host -> guest after the vsock rebind");
+    assert_eq!(String::from_utf8_lossy(&out).trim(), BULK.to_string());
+    let (_, out) = exec_bounded(&name, "echo alive", None, Duration::from_secs(60));
+    assert_eq!(out, b"alive\n");
     let ps = vmm().arg("ps").output().unwrap();
     assert!(String::from_utf8_lossy(&ps.stdout).contains(&name));
     let stop = vmm().args(["stop", &name]).output().unwrap();
@@ -388,24 +400,54 @@ fn serve_pid(name: &str) -> Option<u32> {
     })
 }
 
-/// `exec NAME -- sh -c SCRIPT`, killed after `limit`: (status, stdout).
-fn exec_bounded(name: &str, script: &str, limit: Duration) -> (Option<i32>, Vec<u8>) {
+/// `exec NAME -- sh -c SCRIPT`, killed after `limit`: its exit status and
+/// stdout (read as it comes, so a large output cannot block it). `input`,
+/// if any, is written to its stdin, which is then closed.
+fn exec_bounded(
+    name: &str,
+    script: &str,
+    input: Option<Vec<u8>>,
+    limit: Duration,
+) -> (Option<i32>, Vec<u8>) {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
     let mut child = vmm()
         .args(["exec", name, "--", "sh", "-c", script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .expect("exec");
+    let writer = child.stdin.take().zip(input).map(|(mut stdin, data)| {
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        })
+    });
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
     let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
-            break;
+            break child.wait().unwrap().code();
         }
         std::thread::sleep(Duration::from_millis(50));
+    };
+    if let Some(w) = writer {
+        let _ = w.join();
     }
-    let out = child.wait_with_output().unwrap();
-    (out.status.code(), out.stdout)
+    (status, reader.join().unwrap())
 }
 
 /// Interactive mode: no command gives a shell on the serial console. Host

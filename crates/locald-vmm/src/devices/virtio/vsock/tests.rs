@@ -563,3 +563,371 @@ fn worker_serves_queues_and_host_sockets() {
     drop(dev);
     assert!(!dir.path().join("v.sock").exists());
 }
+
+/// One split ring as a Linux driver runs it, over guest memory: a free
+/// list of descriptors, the avail ring written modulo its size, kicks only
+/// when the device's `avail_event` asks for one, and `used_event` set to
+/// what it has consumed (as `virtqueue_enable_cb` does) under EVENT_IDX.
+struct LinuxRing {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    bufs: u64,
+    free: Vec<u16>,
+    avail_idx: u16,
+    kicked_at: u16,
+    last_used: u16,
+}
+
+impl LinuxRing {
+    const BUF: u32 = 0x2000;
+
+    /// A ring of `size` entries at `at` (zeroed, as freshly allocated ring
+    /// pages are), with one `BUF`-byte buffer per descriptor from `bufs`.
+    fn new(m: &GuestMemoryMmap, at: u64, bufs: u64, size: u16) -> Self {
+        let desc = at;
+        let avail = desc + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size)).next_multiple_of(4);
+        let end = used + 6 + 8 * u64::from(size);
+        m.write_slice(&vec![0u8; (end - at) as usize], GuestAddress(at))
+            .unwrap();
+        LinuxRing {
+            size,
+            desc,
+            avail,
+            used,
+            bufs,
+            free: (0..size).rev().collect(),
+            avail_idx: 0,
+            kicked_at: 0,
+            last_used: 0,
+        }
+    }
+
+    /// The device's view, as the transport builds it at DRIVER_OK.
+    fn queue(&self) -> Queue {
+        use virtio_queue::QueueT;
+        let mut q = Queue::new(self.size).unwrap();
+        q.set_size(self.size);
+        q.set_desc_table_address(Some(self.desc as u32), Some((self.desc >> 32) as u32));
+        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
+        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        q.set_event_idx(true);
+        q.set_ready(true);
+        q
+    }
+
+    fn buf_addr(&self, d: u16) -> u64 {
+        self.bufs + u64::from(d) * u64::from(Self::BUF)
+    }
+
+    /// Posts a one-descriptor chain holding `data` (device-readable) or
+    /// `len` writable bytes; None when the ring is full.
+    fn post(&mut self, m: &GuestMemoryMmap, data: Option<&[u8]>, len: u32) -> Option<u16> {
+        let d = self.free.pop()?;
+        let addr = self.buf_addr(d);
+        let (len, flags) = match data {
+            Some(b) => {
+                m.write_slice(b, GuestAddress(addr)).unwrap();
+                (b.len() as u32, 0)
+            }
+            None => (len, VRING_DESC_F_WRITE as u16),
+        };
+        let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0));
+        m.write_obj(raw, GuestAddress(self.desc + 16 * u64::from(d)))
+            .unwrap();
+        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
+        m.write_obj(d, GuestAddress(slot)).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        m.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+        Some(d)
+    }
+
+    /// `virtqueue_kick`: notifies `kick` only if the device's avail_event
+    /// says so (`vring_need_event`).
+    fn kick(&mut self, m: &GuestMemoryMmap, kick: &EventFd) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let event: u16 = m
+            .read_obj(GuestAddress(self.used + 4 + 8 * u64::from(self.size)))
+            .unwrap();
+        let (new, old) = (self.avail_idx, self.kicked_at);
+        self.kicked_at = new;
+        if new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old) {
+            kick.write(1).unwrap();
+        }
+    }
+
+    /// Used entries not seen yet: (descriptor, length, its buffer's
+    /// bytes); their descriptors go back to the free list, and
+    /// `used_event` asks for an interrupt at the next one.
+    fn take_used(&mut self, m: &GuestMemoryMmap) -> Vec<(u32, Vec<u8>)> {
+        let idx: u16 = m.read_obj(GuestAddress(self.used + 2)).unwrap();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let mut out = Vec::new();
+        while self.last_used != idx {
+            let e = self.used + 4 + 8 * u64::from(self.last_used % self.size);
+            let id: u32 = m.read_obj(GuestAddress(e)).unwrap();
+            let len: u32 = m.read_obj(GuestAddress(e + 4)).unwrap();
+            let mut b = vec![0u8; len.min(Self::BUF) as usize];
+            m.read_slice(&mut b, GuestAddress(self.buf_addr(id as u16)))
+                .unwrap();
+            self.free.push(id as u16);
+            out.push((len, b));
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        let used_event = self.avail + 4 + 2 * u64::from(self.size);
+        m.write_obj(self.last_used, GuestAddress(used_event))
+            .unwrap();
+        out
+    }
+}
+
+/// The guest side of one activation: three rings, their kick eventfds and
+/// the interrupt the device raises.
+struct LinuxGuest {
+    rings: [LinuxRing; 3],
+    kicks: Vec<EventFd>,
+    irq: EventFd,
+}
+
+impl LinuxGuest {
+    /// Rings at `base` (buffers above them), then DRIVER_OK: the device is
+    /// activated with EVENT_IDX, and the RX ring is filled and kicked.
+    fn activate(m: &GuestMemoryMmap, dev: &mut Vsock, base: u64) -> Self {
+        const SIZE: u16 = 64;
+        let rings = [0u64, 1, 2].map(|i| {
+            LinuxRing::new(
+                m,
+                base + i * 0x4000,
+                base + 0x1_0000 + i * u64::from(SIZE) * u64::from(LinuxRing::BUF),
+                SIZE,
+            )
+        });
+        let kicks: Vec<EventFd> = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        dev.activate(Activation {
+            mem: m.clone(),
+            queues: rings.iter().map(LinuxRing::queue).collect(),
+            queue_events: kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+            interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+            features: crate::devices::virtio::COMMON_FEATURES,
+        })
+        .unwrap();
+        let mut g = LinuxGuest { rings, kicks, irq };
+        g.fill_rx(m);
+        g
+    }
+
+    fn fill_rx(&mut self, m: &GuestMemoryMmap) {
+        let r = &mut self.rings[RX_QUEUE];
+        while r.post(m, None, LinuxRing::BUF).is_some() {}
+        r.kick(m, &self.kicks[RX_QUEUE]);
+    }
+
+    /// Sends one packet; false when the TX ring is full.
+    fn send(&mut self, m: &GuestMemoryMmap, h: &Header, payload: &[u8]) -> bool {
+        let mut b = h.to_bytes().to_vec();
+        b.extend_from_slice(payload);
+        let r = &mut self.rings[TX_QUEUE];
+        r.take_used(m);
+        if r.post(m, Some(&b), 0).is_none() {
+            return false;
+        }
+        r.kick(m, &self.kicks[TX_QUEUE]);
+        true
+    }
+
+    /// Waits for an interrupt (a stall fails the test), then returns the
+    /// packets received and gives their buffers back to the device.
+    fn recv(&mut self, m: &GuestMemoryMmap, what: &str) -> Vec<(Header, Vec<u8>)> {
+        let mut p = libc::pollfd {
+            fd: self.irq.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut p, 1, 5000) };
+        assert_eq!(n, 1, "stalled: no interrupt in 5 s ({what})");
+        let _ = self.irq.read();
+        let got: Vec<(Header, Vec<u8>)> = self.rings[RX_QUEUE]
+            .take_used(m)
+            .into_iter()
+            .map(|(len, b)| {
+                assert!(len as usize >= HDR_SIZE);
+                let h = Header::from_bytes(b[..HDR_SIZE].try_into().unwrap());
+                (h, b[HDR_SIZE..len as usize].to_vec())
+            })
+            .collect();
+        self.rings[TX_QUEUE].take_used(m);
+        self.fill_rx(m);
+        got
+    }
+}
+
+/// One guest socket's flow control as Linux keeps it.
+struct GuestConn {
+    port: u32,
+    host_port: u32,
+    buf_alloc: u32,
+    /// Bytes the application consumed, and the fwd_cnt last told the host.
+    fwd_cnt: u32,
+    fwd_cnt_sent: u32,
+    /// Bytes sent to the host, and its latest credit fields.
+    tx_cnt: u32,
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: u32,
+}
+
+impl GuestConn {
+    fn hdr(&mut self, op: u16, len: u32) -> Header {
+        self.fwd_cnt_sent = self.fwd_cnt;
+        Header {
+            buf_alloc: self.buf_alloc,
+            fwd_cnt: self.fwd_cnt,
+            ..guest_hdr(op, self.port, self.host_port, len)
+        }
+    }
+
+    fn credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+}
+
+/// Issue: after the guest rebinds its vsock driver (device reset, then a
+/// new activation with new rings), a new host-initiated stream delivered
+/// its first packets and then stalled. A Linux-like driver (EVENT_IDX,
+/// kicks and interrupts suppressed as Linux does) runs one connection,
+/// resets the device in the middle of it, re-activates with fresh rings,
+/// and a new connection must then move several credit windows each way.
+#[test]
+fn reset_and_reactivation_then_a_new_stream_moves_several_credit_windows() {
+    const BUF_ALLOC: u32 = 64 * 1024;
+    const TOTAL: usize = 4 * BUF_ALLOC as usize + 12_345;
+    const AGENT: u32 = 1024;
+    let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x200_0000)]).unwrap();
+    let dir = TempDir::new("dev-rebind");
+    let cfg = MuxerConfig {
+        buf_alloc: BUF_ALLOC,
+        ..MuxerConfig::default()
+    };
+    let mut dev = Vsock::with_config(GUEST, dir.path().join("v.sock"), cfg).unwrap();
+    let data: Vec<u8> = (0..TOTAL as u32).map(|i| (i % 253) as u8).collect();
+
+    let run = |dev_guest: &mut LinuxGuest, reset_midway: bool| -> UnixStream {
+        // exec: the host connects and asks for the agent's port.
+        let mut c = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+        c.write_all(format!("CONNECT {AGENT}\n").as_bytes())
+            .unwrap();
+        let req = loop {
+            let got = dev_guest.recv(&m, "REQUEST");
+            if let Some((h, _)) = got.into_iter().find(|(h, _)| h.op == op::REQUEST) {
+                break h;
+            }
+        };
+        assert_eq!(req.dst_port, AGENT);
+        let mut g = GuestConn {
+            port: AGENT,
+            host_port: req.src_port,
+            buf_alloc: BUF_ALLOC,
+            fwd_cnt: 0,
+            fwd_cnt_sent: 0,
+            tx_cnt: 0,
+            peer_buf_alloc: req.buf_alloc,
+            peer_fwd_cnt: req.fwd_cnt,
+        };
+        let h = g.hdr(op::RESPONSE, 0);
+        assert!(dev_guest.send(&m, &h, &[]));
+        let mut line = vec![0u8; format!("OK {}\n", req.src_port).len()];
+        c.read_exact(&mut line).unwrap();
+        // Both directions at once: a host thread writes `data` and reads
+        // back what the guest echoes.
+        let total = if reset_midway { TOTAL / 3 } else { TOTAL };
+        let mut wc = c.try_clone().unwrap();
+        let out = data[..total].to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = wc.write_all(&out);
+        });
+        let mut rc = c.try_clone().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut back = vec![0u8; total];
+            rc.read_exact(&mut back).map(|_| back)
+        });
+        let (mut got, mut echoed) = (Vec::new(), 0usize);
+        while got.len() < total || echoed < total {
+            // Echo what we have, within the host's credit.
+            while echoed < got.len() {
+                let n = (got.len() - echoed).min(4096).min(g.credit() as usize);
+                if n == 0 {
+                    break;
+                }
+                let h = g.hdr(op::RW, n as u32);
+                if !dev_guest.send(&m, &h, &got[echoed..echoed + n]) {
+                    break;
+                }
+                g.tx_cnt = g.tx_cnt.wrapping_add(n as u32);
+                echoed += n;
+            }
+            if got.len() >= total && echoed >= total {
+                break;
+            }
+            let what = format!(
+                "stream: {} of {total} received, {echoed} echoed, credit {}",
+                got.len(),
+                g.credit()
+            );
+            for (h, d) in dev_guest.recv(&m, &what) {
+                assert_eq!(h.dst_port, AGENT);
+                g.peer_buf_alloc = h.buf_alloc;
+                g.peer_fwd_cnt = h.fwd_cnt;
+                match h.op {
+                    op::RW => {
+                        got.extend_from_slice(&d);
+                        assert!(got.len() - g.fwd_cnt as usize <= BUF_ALLOC as usize);
+                    }
+                    op::CREDIT_UPDATE => {}
+                    op::CREDIT_REQUEST => {
+                        let h = g.hdr(op::CREDIT_UPDATE, 0);
+                        dev_guest.send(&m, &h, &[]);
+                    }
+                    o => panic!("unexpected op {o}"),
+                }
+            }
+            // The application reads everything; Linux tells the host once
+            // its free space has moved by half a window.
+            g.fwd_cnt = got.len() as u32;
+            if g.fwd_cnt - g.fwd_cnt_sent >= BUF_ALLOC / 2 {
+                let h = g.hdr(op::CREDIT_UPDATE, 0);
+                dev_guest.send(&m, &h, &[]);
+            }
+        }
+        writer.join().unwrap();
+        assert!(got == data[..total], "host -> guest bytes differ");
+        let back = reader.join().unwrap().unwrap();
+        assert!(back == data[..total], "guest -> host bytes differ");
+        c
+    };
+
+    // First activation: a connection is still open when the driver goes.
+    let mut guest = LinuxGuest::activate(&m, &mut dev, 0x10_0000);
+    let open = run(&mut guest, true);
+    dev.reset();
+    open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    assert!(
+        (&open).read_to_end(&mut rest).is_ok(),
+        "the reset closes the open stream's host side"
+    );
+    // The driver comes back with new rings; a new stream must not stall.
+    let mut guest = LinuxGuest::activate(&m, &mut dev, 0x80_0000);
+    run(&mut guest, false);
+    // And once more, at the first rings' addresses.
+    dev.reset();
+    let mut guest = LinuxGuest::activate(&m, &mut dev, 0x10_0000);
+    run(&mut guest, false);
+}
