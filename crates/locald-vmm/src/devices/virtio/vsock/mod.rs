@@ -152,6 +152,17 @@ pub fn process_rx(
                     }
                 };
                 let Some((hdr, n)) = muxer.recv_pkt(&mut scratch[..room]) else {
+                    if room == 0 {
+                        // Room for a header only, and only data is
+                        // pending: the buffer can never carry it. Return
+                        // it empty (as a too-small one) rather than leave
+                        // it at the head of the ring, where the
+                        // enable-notification check below would find it
+                        // again and again: a guest could spin this thread.
+                        warned.warn(DEV, "RX buffer has no room for pending data", head);
+                        used.push((head, 0));
+                        continue;
+                    }
                     // Nothing after all: give the buffer back to the ring.
                     iter.go_to_previous_position();
                     break;

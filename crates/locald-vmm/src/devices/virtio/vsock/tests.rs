@@ -450,6 +450,48 @@ fn bad_rx_buffers_are_returned_empty() {
     assert!(dev.warned.seen("device-readable RX descriptor"));
 }
 
+/// A hostile guest posts RX buffers with room for a header only while the
+/// host has data for it: each is returned empty, once, and the pass ends
+/// (it used to spin forever on the first one).
+#[test]
+fn header_only_rx_buffers_do_not_spin_the_device() {
+    let m = mem();
+    let dir = TempDir::new("dev-hdronly");
+    let (mut dev, mut rx, mut tx) = setup(&m, &dir);
+    let mut c = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+    c.write_all(b"CONNECT 5000\n").unwrap();
+    dev.pump();
+    let a = rx.push(&[(4096, true)]);
+    assert_eq!(dev.rx(&m).completed, 1);
+    let (req, _) = guest_recv(&m, &a, &[4096], rx.take_used()[0].1);
+    guest_send(
+        &m,
+        &mut tx,
+        &guest_hdr(op::RESPONSE, 5000, req.src_port, 0),
+        &[],
+        false,
+    );
+    dev.tx(&m);
+    let mut line = vec![0u8; format!("OK {}\n", req.src_port).len()];
+    c.read_exact(&mut line).unwrap();
+    c.write_all(b"data the guest has no room for").unwrap();
+    dev.pump();
+    for _ in 0..3 {
+        rx.push(&[(HDR_SIZE as u32, true)]);
+    }
+    let pass = dev.rx(&m);
+    assert_eq!(pass.completed, 3);
+    assert!(rx.take_used().iter().all(|&(_, len)| len == 0));
+    assert!(dev.warned.seen("RX buffer has no room for pending data"));
+    // The data is still there for a real buffer.
+    assert!(dev.muxer.has_pending_rx());
+    let a = rx.push(&[(4096, true)]);
+    assert_eq!(dev.rx(&m).completed, 1);
+    let (h, d) = guest_recv(&m, &a, &[4096], rx.take_used()[0].1);
+    assert_eq!(h.op, op::RW);
+    assert_eq!(d, b"data the guest has no room for");
+}
+
 #[test]
 fn runaway_avail_index_breaks_the_queue() {
     let m = mem();
