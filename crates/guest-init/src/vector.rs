@@ -46,8 +46,8 @@ pub fn add_tunables(env: &mut Vec<(Vec<u8>, Vec<u8>)>) {
 
 /// Makes init itself keep glibc off AVX: if this machine needs it
 /// ([`unmanaged_here`], after mounting `/proc` to read the kernel's flags)
-/// and init's own environment lacks the tunables, re-executes
-/// `/proc/self/exe` with them added (PID 1 stays PID 1; glibc reads the
+/// and init's own environment lacks the tunables, re-executes itself (the
+/// path `/proc/self/exe` links to) with them added (PID 1 stays PID 1; glibc reads the
 /// tunables only at program start). Returns if no re-exec is needed or it
 /// failed (logged): init then goes on as before. Called first thing, before
 /// any I/O port or mount other than `/proc`.
@@ -81,9 +81,14 @@ pub fn reexec_init_if_needed() {
         p
     };
     let (argv_p, envp_p) = (ptrs(&argv), ptrs(&envp));
+    // The real path (`/init`), so the process name stays `init`, not `exe`.
+    let path = std::fs::read_link("/proc/self/exe")
+        .ok()
+        .and_then(|p| CString::new(p.into_os_string().into_vec()).ok())
+        .unwrap_or_else(|| c"/proc/self/exe".to_owned());
     // SAFETY: NULL-terminated arrays of NUL-terminated strings that outlive
     // the call; execve returns only on failure.
-    unsafe { libc::execve(c"/proc/self/exe".as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
+    unsafe { libc::execve(path.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr()) };
     crate::console::error("re-exec with GLIBC_TUNABLES", io::Error::last_os_error());
 }
 
