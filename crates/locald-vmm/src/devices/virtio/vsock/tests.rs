@@ -330,34 +330,48 @@ fn guest_to_host_round_trip_through_queues() {
     assert_eq!(dev.muxer.connection_count(), 0);
 }
 
+/// A host client connects to guest port 5000 through the hybrid socket
+/// and the guest accepts: the REQUEST waits for an RX buffer, the guest's
+/// RESPONSE gives the client its `OK <port>` line. Returns the client and
+/// the host-side port.
+fn host_connects(
+    m: &GuestMemoryMmap,
+    dir: &TempDir,
+    dev: &mut Dev,
+    rx: &mut DriverQueue,
+    tx: &mut DriverQueue,
+) -> (UnixStream, u32) {
+    let mut c = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+    c.write_all(b"CONNECT 5000\n").unwrap();
+    dev.pump();
+    // No RX buffer yet: the REQUEST waits.
+    assert_eq!(dev.rx(m).completed, 0);
+    assert!(dev.muxer.has_pending_rx());
+    let a = rx.push(&[(4096, true)]);
+    assert_eq!(dev.rx(m).completed, 1);
+    let used = rx.take_used();
+    let (req, _) = guest_recv(m, &a, &[4096], used[0].1);
+    assert_eq!((req.op, req.dst_port), (op::REQUEST, 5000));
+    guest_send(
+        m,
+        tx,
+        &guest_hdr(op::RESPONSE, 5000, req.src_port, 0),
+        &[],
+        false,
+    );
+    dev.tx(m);
+    let mut line = vec![0u8; format!("OK {}\n", req.src_port).len()];
+    c.read_exact(&mut line).unwrap();
+    assert_eq!(line, format!("OK {}\n", req.src_port).as_bytes());
+    (c, req.src_port)
+}
+
 #[test]
 fn host_to_guest_round_trip_through_queues() {
     let m = mem();
     let dir = TempDir::new("dev-h2g");
     let (mut dev, mut rx, mut tx) = setup(&m, &dir);
-    let mut c = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-    c.write_all(b"CONNECT 5000\n").unwrap();
-    dev.pump();
-    // No RX buffer yet: the REQUEST waits.
-    assert_eq!(dev.rx(&m).completed, 0);
-    assert!(dev.muxer.has_pending_rx());
-    let a = rx.push(&[(4096, true)]);
-    assert_eq!(dev.rx(&m).completed, 1);
-    let used = rx.take_used();
-    let (req, _) = guest_recv(&m, &a, &[4096], used[0].1);
-    assert_eq!((req.op, req.dst_port), (op::REQUEST, 5000));
-
-    guest_send(
-        &m,
-        &mut tx,
-        &guest_hdr(op::RESPONSE, 5000, req.src_port, 0),
-        &[],
-        false,
-    );
-    dev.tx(&m);
-    let mut line = vec![0u8; format!("OK {}\n", req.src_port).len()];
-    c.read_exact(&mut line).unwrap();
-    assert_eq!(line, format!("OK {}\n", req.src_port).as_bytes());
+    let (mut c, src_port) = host_connects(&m, &dir, &mut dev, &mut rx, &mut tx);
 
     // A large host write arrives in packets no larger than the buffers.
     let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
@@ -382,7 +396,7 @@ fn host_to_guest_round_trip_through_queues() {
     guest_send(
         &m,
         &mut tx,
-        &guest_hdr(op::RW, 5000, req.src_port, 3),
+        &guest_hdr(op::RW, 5000, src_port, 3),
         b"abc",
         true,
     );
@@ -458,22 +472,7 @@ fn header_only_rx_buffers_do_not_spin_the_device() {
     let m = mem();
     let dir = TempDir::new("dev-hdronly");
     let (mut dev, mut rx, mut tx) = setup(&m, &dir);
-    let mut c = UnixStream::connect(dir.path().join("v.sock")).unwrap();
-    c.write_all(b"CONNECT 5000\n").unwrap();
-    dev.pump();
-    let a = rx.push(&[(4096, true)]);
-    assert_eq!(dev.rx(&m).completed, 1);
-    let (req, _) = guest_recv(&m, &a, &[4096], rx.take_used()[0].1);
-    guest_send(
-        &m,
-        &mut tx,
-        &guest_hdr(op::RESPONSE, 5000, req.src_port, 0),
-        &[],
-        false,
-    );
-    dev.tx(&m);
-    let mut line = vec![0u8; format!("OK {}\n", req.src_port).len()];
-    c.read_exact(&mut line).unwrap();
+    let (mut c, _) = host_connects(&m, &dir, &mut dev, &mut rx, &mut tx);
     c.write_all(b"data the guest has no room for").unwrap();
     dev.pump();
     for _ in 0..3 {
