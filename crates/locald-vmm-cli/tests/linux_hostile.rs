@@ -30,6 +30,30 @@ impl Drop for Scratch {
     }
 }
 
+/// `guests/linux/NAME`, a C program for the guest.
+fn guest_c(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../guests/linux")
+        .join(name)
+}
+
+/// Builds `src` with `gcc -static` into `out` (the default guest has no
+/// compiler); fails the test with gcc's output if it does not build.
+fn cc_static(src: &Path, out: &Path) {
+    let cc = Command::new("gcc")
+        .args(["-static", "-O2", "-Wall", "-o"])
+        .arg(out)
+        .arg(src)
+        .output()
+        .expect("run gcc (scripts/setup-host.sh installs it)");
+    assert!(
+        cc.status.success(),
+        "gcc -static {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&cc.stderr)
+    );
+}
+
 /// The byte at stream offset `i` of what the program sends.
 fn pattern(i: usize) -> u8 {
     ((i * 7 + 3) & 0xff) as u8
@@ -49,32 +73,10 @@ fn hostile_guest_program_leaves_the_vmm_and_the_vm_working() {
     std::fs::create_dir(&run).unwrap();
     let share = dir.join("bin");
     std::fs::create_dir(&share).unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests/linux/hostile.c");
-    let cc = Command::new("gcc")
-        .args(["-static", "-O2", "-Wall", "-o"])
-        .arg(share.join("hostile"))
-        .arg(&src)
-        .output()
-        .expect("run gcc (scripts/setup-host.sh installs it)");
-    assert!(
-        cc.status.success(),
-        "gcc -static hostile.c: {}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    cc_static(&guest_c("hostile.c"), &share.join("hostile"));
     // vecregs: do guest processes keep their vector registers across
     // context switches? (guests/linux/vecregs.c)
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests/linux/vecregs.c");
-    let cc = Command::new("gcc")
-        .args(["-static", "-O2", "-Wall", "-o"])
-        .arg(share.join("vecregs"))
-        .arg(&src)
-        .output()
-        .expect("run gcc (scripts/setup-host.sh installs it)");
-    assert!(
-        cc.status.success(),
-        "gcc -static vecregs.c: {}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    cc_static(&guest_c("vecregs.c"), &share.join("vecregs"));
     // vda: a disk the program leaves alone; vdb: its victim.
     let data = dir.join("data.img");
     let victim = dir.join("victim.img");
@@ -297,17 +299,7 @@ fn guest_root_cannot_plant_caps_setid_or_devices_on_a_share() {
     std::fs::create_dir(&bin).unwrap();
     std::fs::create_dir(&work).unwrap();
     std::fs::write(dir.join("fs_hostile.c"), FS_HOSTILE_C).unwrap();
-    let cc = Command::new("gcc")
-        .args(["-static", "-O2", "-Wall", "-o"])
-        .arg(bin.join("fs_hostile"))
-        .arg(dir.join("fs_hostile.c"))
-        .output()
-        .expect("run gcc (scripts/setup-host.sh installs it)");
-    assert!(
-        cc.status.success(),
-        "gcc -static fs_hostile.c: {}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    cc_static(&dir.join("fs_hostile.c"), &bin.join("fs_hostile"));
     let out = vmm(&run)
         .args(["run", "--timeout", "300", "--share"])
         .arg(format!("{}:/opt/fsh:ro", bin.display()))
