@@ -92,6 +92,52 @@ pub enum ConsoleConfig {
 }
 
 /// A virtio socket device whose host side is a Unix socket (Firecracker's
+/// The guest's instruction set. The KVM backend runs only the host's; the
+/// Virtualization.framework backend runs the host's too (Apple Silicon
+/// runs x86_64 *binaries* through Rosetta, inside an aarch64 guest).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GuestArch {
+    /// x86-64 (`x86_64`).
+    #[default]
+    X86_64,
+    /// 64-bit Arm (`aarch64`, `arm64`).
+    Aarch64,
+}
+
+impl GuestArch {
+    /// The architecture this program was built for.
+    pub const fn host() -> Self {
+        if cfg!(target_arch = "aarch64") {
+            GuestArch::Aarch64
+        } else {
+            GuestArch::X86_64
+        }
+    }
+
+    /// Parses `x86_64`/`amd64` or `aarch64`/`arm64`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "x86_64" | "amd64" | "x86-64" => Ok(GuestArch::X86_64),
+            "aarch64" | "arm64" => Ok(GuestArch::Aarch64),
+            _ => Err(ConfigError::Arch(s.to_string())),
+        }
+    }
+
+    /// The name used in cache paths and messages (`x86_64`, `aarch64`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            GuestArch::X86_64 => "x86_64",
+            GuestArch::Aarch64 => "aarch64",
+        }
+    }
+}
+
+impl std::fmt::Display for GuestArch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// hybrid vsock: guest connections to host port P reach `<uds_path>_P`;
 /// host clients connect to `uds_path` and send `CONNECT <port>\n`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,6 +252,9 @@ pub struct VmConfig {
     pub env: Vec<(String, String)>,
     /// Working directory for the command.
     pub workdir: Option<String>,
+    /// The guest's architecture (default: the host's). Chooses the
+    /// default kernel and initramfs; a backend that cannot run it refuses.
+    pub arch: GuestArch,
     /// Number of vCPUs.
     pub vcpus: u8,
     /// Guest memory in MiB.
@@ -260,6 +309,7 @@ impl Default for VmConfig {
             command: None,
             env: Vec::new(),
             workdir: None,
+            arch: GuestArch::host(),
             vcpus: DEFAULT_VCPUS,
             memory_mib: 128,
             console: ConsoleConfig::Stdio,

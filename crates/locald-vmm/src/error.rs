@@ -6,6 +6,8 @@ use std::path::PathBuf;
 /// Bad configuration, found before any VM resource exists.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("unknown architecture '{0}' (use x86_64 or aarch64)")]
+    Arch(String),
     #[error("--cpus {0} is out of range: must be between 1 and {1}")]
     Vcpus(u32, u32),
     #[error("--memory {0} MiB is too small: at least {1} MiB is needed")]

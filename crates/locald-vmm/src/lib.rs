@@ -35,7 +35,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use config::{
-    CacheMode, ConsoleConfig, CpuCompat, DiskConfig, RootfsConfig, SharedBuffer, VmConfig,
+    CacheMode, ConsoleConfig, CpuCompat, DiskConfig, GuestArch, RootfsConfig, SharedBuffer,
+    VmConfig,
 };
 pub use devices::control::Marker;
 pub use devices::ExitStatus;
