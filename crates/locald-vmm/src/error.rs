@@ -8,6 +8,14 @@ use std::path::PathBuf;
 pub enum ConfigError {
     #[error("unknown architecture '{0}' (use x86_64 or aarch64)")]
     Arch(String),
+    #[error("the {backend} backend cannot run a {arch} guest on this {host} host")]
+    ArchNotRunnable {
+        arch: crate::config::GuestArch,
+        backend: &'static str,
+        host: crate::config::GuestArch,
+    },
+    #[error("this platform has no VM backend (KVM on Linux, Virtualization.framework on macOS)")]
+    NoBackend,
     #[error("--cpus {0} is out of range: must be between 1 and {1}")]
     Vcpus(u32, u32),
     #[error("--memory {0} MiB is too small: at least {1} MiB is needed")]
@@ -74,6 +82,7 @@ pub enum Error {
     Asset(#[from] crate::assets::AssetError),
     #[error("cannot open /dev/kvm: {0} (is KVM enabled and do you have permission on /dev/kvm?)")]
     KvmOpen(std::io::Error),
+    #[cfg(target_os = "linux")]
     #[error("KVM: {what} failed: {err}")]
     Kvm {
         what: &'static str,
@@ -89,10 +98,15 @@ pub enum Error {
     Run(String),
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
+    /// The Virtualization.framework backend failed.
+    #[cfg(target_os = "macos")]
+    #[error(transparent)]
+    Vz(#[from] crate::vz::VzError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
 
+#[cfg(target_os = "linux")]
 impl Error {
     /// Wraps a KVM ioctl failure with what we were doing.
     pub(crate) fn kvm(what: &'static str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error {

@@ -97,7 +97,8 @@ fn check_ancestor(path: &Path, m: &fs::Metadata, uid: u32) -> Result<(), HostDir
         ));
     }
     let mode = m.mode() & 0o7777;
-    if m.is_dir() && mode & 0o022 != 0 && mode & libc::S_ISVTX == 0 {
+    // 0o1000: the sticky bit (S_ISVTX; its libc type differs by OS).
+    if m.is_dir() && mode & 0o022 != 0 && mode & 0o1000 == 0 {
         return Err(untrusted(
             path,
             format!("writable by group or others and not sticky (mode {mode:04o})"),
@@ -124,6 +125,7 @@ fn check_own(path: &Path, m: &fs::Metadata, uid: u32) -> Result<(), HostDirError
         ));
     }
     let mode = m.mode() & 0o7777;
+    // 0o1000: the sticky bit (S_ISVTX; its libc type differs by OS).
     if mode & 0o022 != 0 {
         return Err(untrusted(
             path,

@@ -349,6 +349,10 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
     let (f, t) = (c(from)?, c(to)?);
+    #[cfg(target_os = "macos")]
+    // SAFETY: both paths are NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::renamex_np(f.as_ptr(), t.as_ptr(), libc::RENAME_EXCL) };
+    #[cfg(not(target_os = "macos"))]
     // SAFETY: both paths are NUL-terminated strings that outlive the call.
     let rc = unsafe {
         libc::renameat2(

@@ -4,7 +4,10 @@
 //! `KvmVm::run` run on the caller's thread.
 
 pub mod boot;
+pub(crate) mod builder;
+pub mod console_input;
 pub mod cpuid;
+mod devices;
 pub mod emulate;
 pub mod exits;
 pub mod host;

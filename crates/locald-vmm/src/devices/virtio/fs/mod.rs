@@ -16,7 +16,8 @@
 //! in order.
 
 pub mod caps;
-pub mod config;
+/// Share configuration (moved to [`crate::config::share`]).
+pub use crate::config::share as config;
 pub mod host;
 pub mod share;
 pub mod xattr;

@@ -51,64 +51,10 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
 use super::xattr;
+pub use crate::config::ShareCache;
 
 /// FUSE inode number of the share root.
 pub const ROOT_INODE: u64 = 1;
-
-/// How the guest kernel caches what it reads from a share.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ShareCache {
-    /// No caching: every read and write goes to the host (direct I/O), and
-    /// names and attributes are looked up again each time. Host edits are
-    /// seen at once; shared `mmap` needs a kernel that allows it on direct
-    /// I/O files.
-    Never,
-    /// The default: file data is cached while a file stays open and dropped
-    /// at each open; names and attributes are trusted for 1 s. A host edit
-    /// is seen by the next `open` (attributes within 1 s).
-    #[default]
-    Auto,
-    /// Everything cached for a day: fastest, for trees the host does not
-    /// change while the VM runs.
-    Always,
-}
-
-impl ShareCache {
-    /// Parses `never`, `auto` or `always`.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "never" => Some(Self::Never),
-            "auto" => Some(Self::Auto),
-            "always" => Some(Self::Always),
-            _ => None,
-        }
-    }
-
-    /// The name [`ShareCache::parse`] accepts.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Never => "never",
-            Self::Auto => "auto",
-            Self::Always => "always",
-        }
-    }
-
-    fn timeout(self) -> Duration {
-        match self {
-            Self::Never => Duration::ZERO,
-            Self::Auto => Duration::from_secs(1),
-            Self::Always => Duration::from_secs(86_400),
-        }
-    }
-
-    fn policy(self) -> CachePolicy {
-        match self {
-            Self::Never => CachePolicy::Never,
-            Self::Auto => CachePolicy::Auto,
-            Self::Always => CachePolicy::Always,
-        }
-    }
-}
 
 /// How one share is served.
 #[derive(Clone, Debug)]
@@ -313,10 +259,10 @@ impl ShareFs {
         let croot =
             CString::new(opts.root.as_os_str().as_bytes()).map_err(|_| err(libc::EINVAL))?;
         let (root_mnt, root_dev) = mount_of(&croot)?;
-        let t = opts.cache.timeout();
+        let t = timeout(opts.cache);
         let cfg = Config {
             root_dir: opts.root.to_string_lossy().into_owned(),
-            cache_policy: opts.cache.policy(),
+            cache_policy: policy(opts.cache),
             attr_timeout: t,
             entry_timeout: t,
             xattr: true,
@@ -905,5 +851,23 @@ impl FileSystem for ShareFs {
         _out_size: u32,
     ) -> io::Result<IoctlData<'_>> {
         Err(err(libc::ENOTTY))
+    }
+}
+
+/// Entry and attribute timeout the guest gets for a cache mode.
+fn timeout(cache: ShareCache) -> Duration {
+    match cache {
+        ShareCache::Never => Duration::ZERO,
+        ShareCache::Auto => Duration::from_secs(1),
+        ShareCache::Always => Duration::from_secs(86_400),
+    }
+}
+
+/// The passthrough server's cache policy for a cache mode.
+fn policy(cache: ShareCache) -> CachePolicy {
+    match cache {
+        ShareCache::Never => CachePolicy::Never,
+        ShareCache::Auto => CachePolicy::Auto,
+        ShareCache::Always => CachePolicy::Always,
     }
 }

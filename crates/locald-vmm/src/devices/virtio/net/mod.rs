@@ -20,7 +20,8 @@
 //! when the backend carries vnet headers (TAP).
 
 pub mod backend;
-pub mod config;
+/// Network configuration (moved to [`crate::config::net`]).
+pub use crate::config::net as config;
 pub mod header;
 pub mod passt;
 pub mod segment;

@@ -250,9 +250,9 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 /// A random unicast, locally administered MAC (`x2:…`, `x6:…`, …).
 pub fn random_mac() -> [u8; 6] {
     let mut m = [0u8; 6];
-    // SAFETY: getrandom writes at most `m.len()` bytes into `m`.
-    let n = unsafe { libc::getrandom(m.as_mut_ptr().cast(), m.len(), 0) };
-    if n != m.len() as isize {
+    // SAFETY: getentropy writes exactly `m.len()` (≤ 256) bytes into `m`.
+    let rc = unsafe { libc::getentropy(m.as_mut_ptr().cast(), m.len()) };
+    if rc != 0 {
         // Practically unreachable; still unique enough per host process.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -7,10 +7,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use crate::devices::virtio::fs::config::ShareConfig;
-pub use crate::devices::virtio::fs::ShareCache;
-pub use crate::devices::virtio::net::config::{GuestNet, NetBackendConfig, NetConfig};
+pub mod net;
+pub mod share;
+
 use crate::error::ConfigError;
+pub use net::{GuestNet, NetBackendConfig, NetConfig};
+pub use share::{ShareCache, ShareConfig};
 
 /// Smallest guest memory we accept: enough for boot structures and a tiny kernel.
 pub const MIN_MEMORY_MIB: u64 = 8;
@@ -376,7 +378,7 @@ impl VmConfig {
             + usize::from(self.rng)
             + usize::from(self.vsock.is_some() || self.agent)
             + usize::from(self.net.is_some());
-        crate::devices::virtio::fs::config::check_shares(&self.shares)?;
+        share::check_shares(&self.shares)?;
         let devices = devices + self.shares.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices, MAX_VIRTIO_DEVICES));
@@ -461,6 +463,21 @@ pub fn parse_memory_size(s: &str) -> Result<u64, ConfigError> {
     };
     let n: u64 = num.trim().parse().map_err(|_| bad())?;
     n.checked_mul(mult).ok_or_else(bad)
+}
+
+/// Guest name of the `index`th virtio disk: `vda`, `vdb`, … `vdz`, `vdaa`.
+pub fn disk_name(index: usize) -> String {
+    let mut suffix = Vec::new();
+    let mut n = index;
+    loop {
+        suffix.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8_lossy(&suffix))
 }
 
 #[cfg(test)]
@@ -593,5 +610,17 @@ mod tests {
         b.write_all(b"hi ").unwrap();
         b.write_all(b"there").unwrap();
         assert_eq!(c.text(), "hi there");
+    }
+
+    #[test]
+    fn disk_names_follow_linux() {
+        let names: Vec<String> = [0, 1, 25, 26, 27, 51, 52, 701, 702]
+            .into_iter()
+            .map(disk_name)
+            .collect();
+        assert_eq!(
+            names,
+            ["vda", "vdb", "vdz", "vdaa", "vdab", "vdaz", "vdba", "vdzz", "vdaaa"]
+        );
     }
 }

@@ -5,8 +5,46 @@
 
 use std::path::PathBuf;
 
-use super::share::ShareCache;
 use crate::error::ConfigError;
+
+/// How the guest kernel caches what it reads from a share.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ShareCache {
+    /// No caching: every read and write goes to the host (direct I/O), and
+    /// names and attributes are looked up again each time. Host edits are
+    /// seen at once; shared `mmap` needs a kernel that allows it on direct
+    /// I/O files.
+    Never,
+    /// The default: file data is cached while a file stays open and dropped
+    /// at each open; names and attributes are trusted for 1 s. A host edit
+    /// is seen by the next `open` (attributes within 1 s).
+    #[default]
+    Auto,
+    /// Everything cached for a day: fastest, for trees the host does not
+    /// change while the VM runs.
+    Always,
+}
+
+impl ShareCache {
+    /// Parses `never`, `auto` or `always`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "never" => Some(Self::Never),
+            "auto" => Some(Self::Auto),
+            "always" => Some(Self::Always),
+            _ => None,
+        }
+    }
+
+    /// The name [`ShareCache::parse`] accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Never => "never",
+            Self::Auto => "auto",
+            Self::Always => "always",
+        }
+    }
+}
 
 /// Most bytes in a guest path (the spec file and `mount(2)` limit).
 pub const GUEST_PATH_MAX: usize = 1024;

@@ -1,0 +1,291 @@
+//! The VM handles of the public API: [`VirtualMachine`] (built by the
+//! stages in [`crate::builder`], run once on the caller's thread or spawned
+//! on a `vm` thread), [`RunningVm`] (a spawned VM: agent readiness, `exec`,
+//! clean stop) and [`VmStopper`]. Backend-neutral: the platform's backend
+//! sits behind [`crate::backend::Backend`]. Runs on the caller's thread;
+//! `spawn` adds the `vm` thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{Backend, RunOptions};
+use crate::builder::{AgentLink, GuestImage};
+use crate::config::{ConsoleConfig, VmConfig};
+use crate::devices::control::Marker;
+use crate::devices::{ExitStatus, Outcome, VmControl};
+use crate::error::Error;
+use crate::runtime::RuntimeDir;
+use crate::{agent, console, seccomp};
+
+/// A configured virtual machine, ready to run once.
+pub struct VirtualMachine {
+    control: Arc<VmControl>,
+    backend: Backend,
+    run: RunOptions,
+    ran: bool,
+    vsock_path: Option<PathBuf>,
+    ready: Option<agent::ReadyListener>,
+    agent_timeout: Duration,
+    // Dropped last: the sockets inside it go first.
+    _runtime_dir: Option<RuntimeDir>,
+}
+
+impl VirtualMachine {
+    /// Validates `config`, resolves the default guest if needed, and builds
+    /// the VM (memory, devices, vCPUs, kernel loaded). Nothing runs yet.
+    /// The stages are in [`crate::builder`].
+    pub fn new(config: VmConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let mut config = config;
+        let mut image = GuestImage::resolve(&config)?;
+        let link = AgentLink::prepare(&mut config, Backend::NEEDS_RUNTIME_DIR)?;
+        let control = Arc::new(VmControl::new());
+        let backend = Backend::build(
+            &config,
+            &mut image,
+            control.clone(),
+            link.runtime_dir.as_ref(),
+        )?;
+        Ok(VirtualMachine {
+            control,
+            backend,
+            run: RunOptions {
+                console: config.console,
+                timeout: config.timeout,
+                profile_hz: config.profile_hz,
+                system_map: image.system_map,
+                seccomp: config.seccomp,
+            },
+            ran: false,
+            vsock_path: link.vsock_path,
+            ready: link.ready,
+            agent_timeout: config.agent_timeout,
+            _runtime_dir: link.runtime_dir,
+        })
+    }
+
+    /// The host socket of the VM's vsock device, if it has one.
+    pub fn vsock_path(&self) -> Option<&Path> {
+        self.vsock_path.as_deref()
+    }
+
+    /// Starts the VM on a background thread ("vm"), for agent mode: the
+    /// caller then waits for the agent, runs commands and stops the VM.
+    pub fn spawn(mut self) -> Result<RunningVm, Error> {
+        let ready = self.ready.take();
+        let vsock = self.vsock_path.clone();
+        let control = self.control.clone();
+        let agent_timeout = self.agent_timeout;
+        let kind = self.run.seccomp.then_some(seccomp::ThreadKind::Main);
+        let thread = seccomp::spawn("vm".into(), kind, move || {
+            let r = self.run();
+            // Tear the devices down as soon as the guest is gone: the vsock
+            // device's host connections close, so a client still reading
+            // from one (an `exec` relay, a published port) sees the end
+            // instead of waiting forever; disks are flushed.
+            drop(self);
+            r
+        })?;
+        Ok(RunningVm {
+            thread: Some(thread),
+            control,
+            ready,
+            vsock,
+            agent_timeout,
+            agent_failed: false,
+        })
+    }
+
+    /// Runs the guest to its end and returns how it ended. A VM runs once.
+    pub fn run(&mut self) -> Result<ExitStatus, Error> {
+        if self.ran {
+            return Err(Error::Device("this VM has already run".into()));
+        }
+        self.ran = true;
+        let _raw = match self.run.console {
+            ConsoleConfig::Stdio => console::RawTerminal::enable(),
+            _ => None,
+        };
+        match self.backend.run(&self.run)? {
+            Outcome::Status(s) => Ok(s),
+            Outcome::Failed(msg) => Err(Error::Run(msg)),
+        }
+    }
+
+    /// A handle that stops this VM from another thread (a signal handler
+    /// thread, say), before or while it runs.
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper {
+            control: self.control.clone(),
+            vsock: self.ready.as_ref().and(self.vsock_path.clone()),
+        }
+    }
+
+    /// Markers the guest reported (userspace reached, command started…).
+    pub fn markers(&self) -> Vec<Marker> {
+        self.control.markers()
+    }
+
+    /// Instructions the VMM completed because KVM's emulator could not, by
+    /// kind (software-KVM hosts only; empty on hardware KVM).
+    pub fn emulated_instructions(&self) -> std::collections::HashMap<&'static str, u64> {
+        self.backend.emulated()
+    }
+
+    /// Whether the software-KVM compatibility path is on for this VM.
+    pub fn cpu_compat(&self) -> bool {
+        self.backend.cpu_compat()
+    }
+}
+
+type VmThread = std::thread::JoinHandle<Result<ExitStatus, Error>>;
+
+/// A VM running on a background thread (see [`VirtualMachine::spawn`]).
+/// Dropping it stops the VM at once.
+pub struct RunningVm {
+    thread: Option<VmThread>,
+    control: Arc<VmControl>,
+    ready: Option<agent::ReadyListener>,
+    vsock: Option<PathBuf>,
+    agent_timeout: Duration,
+    /// `wait_ready` failed: there is no agent to ask for a clean poweroff.
+    agent_failed: bool,
+}
+
+impl RunningVm {
+    /// Waits until the guest agent is ready to run commands (agent mode).
+    pub fn wait_ready(&mut self) -> Result<(), Error> {
+        let Some(ready) = self.ready.take() else {
+            return Ok(());
+        };
+        let control = self.control.clone();
+        let r = ready.wait(self.agent_timeout, || control.status().is_none());
+        self.agent_failed = r.is_err();
+        r.map_err(|e| match self.control.status() {
+            Some(status) => Error::Run(format!(
+                "the VM ended ({status:?}) before its agent was ready"
+            )),
+            None => e.into(),
+        })
+    }
+
+    /// The vsock device's host socket.
+    pub fn vsock_path(&self) -> Option<&Path> {
+        self.vsock.as_deref()
+    }
+
+    /// Runs a command through the guest agent and relays its streams.
+    pub fn exec(
+        &self,
+        req: agent::ExecRequest,
+        io: agent::ExecIo<'_>,
+        on_start: impl FnOnce(agent::ExecHandle),
+    ) -> Result<agent::ExecOutcome, Error> {
+        let uds = self
+            .vsock
+            .as_deref()
+            .ok_or_else(|| Error::Device("this VM has no vsock device".into()))?;
+        Ok(agent::exec(uds, req, io, on_start)?)
+    }
+
+    /// A handle that stops this VM from another thread.
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper {
+            control: self.control.clone(),
+            vsock: self.vsock.clone(),
+        }
+    }
+
+    /// Whether the VM is still running.
+    pub fn is_running(&self) -> bool {
+        self.control.status().is_none()
+    }
+
+    /// Stops the guest: asks the agent for a clean poweroff (disks synced
+    /// and unmounted), waits up to `grace`, then stops the vCPUs. A VM
+    /// whose agent never became ready is stopped at once.
+    pub fn stop(mut self, grace: Duration) -> Result<ExitStatus, Error> {
+        if self.agent_failed && self.is_running() {
+            self.control.request_stop(ExitStatus::PowerOff);
+        }
+        if self.is_running() {
+            if let Some(uds) = &self.vsock {
+                if let Err(e) = agent::request_shutdown(uds) {
+                    tracing::warn!("clean shutdown request failed ({e}); stopping the VM");
+                }
+            }
+            if self.control.wait(Some(grace)).is_none() {
+                tracing::warn!("the guest did not power off within {grace:?}; stopping it");
+                self.control.request_stop(ExitStatus::PowerOff);
+            }
+        }
+        self.join()
+    }
+
+    /// Waits for the VM to end on its own.
+    pub fn wait(mut self) -> Result<ExitStatus, Error> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<ExitStatus, Error> {
+        let Some(t) = self.thread.take() else {
+            return Err(Error::Run("the VM thread is gone".into()));
+        };
+        match t.join() {
+            Ok(r) => r,
+            Err(_) => Err(Error::Run("the VM thread panicked".into())),
+        }
+    }
+}
+
+/// Stops a VM from any thread; cheap to clone. See
+/// [`VirtualMachine::stopper`] and [`RunningVm::stopper`].
+#[derive(Clone)]
+pub struct VmStopper {
+    control: Arc<VmControl>,
+    /// The agent's socket, for a clean poweroff (agent-mode VMs only).
+    vsock: Option<PathBuf>,
+}
+
+impl VmStopper {
+    /// Whether the VM is still running.
+    pub fn is_running(&self) -> bool {
+        self.control.status().is_none()
+    }
+
+    /// Asks for a clean poweroff: the agent's Shutdown (the guest syncs
+    /// and unmounts its disks) when the VM has an agent, else — or if the
+    /// agent cannot be reached — stops the vCPUs at once. Returns whether
+    /// the clean path was taken. Either way the VM's disks are flushed on
+    /// the host when it is dropped.
+    pub fn request_shutdown(&self) -> bool {
+        if let Some(uds) = &self.vsock {
+            match agent::request_shutdown(uds) {
+                Ok(()) => return true,
+                Err(e) => tracing::warn!("clean shutdown request failed ({e}); stopping the VM"),
+            }
+        }
+        self.force_stop();
+        false
+    }
+
+    /// Stops the vCPUs now (the guest sees a power cut).
+    pub fn force_stop(&self) {
+        self.control.request_stop(ExitStatus::PowerOff);
+    }
+
+    /// Waits until the VM ended or `timeout` passed; returns whether it ended.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        self.control.wait(Some(timeout)).is_some()
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.control.request_stop(ExitStatus::PowerOff);
+            let _ = self.join();
+        }
+    }
+}
