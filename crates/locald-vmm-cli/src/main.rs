@@ -114,6 +114,10 @@ pub(crate) struct RunArgs {
     /// Do not attach the virtio entropy device.
     #[arg(long)]
     no_rng: bool,
+    /// Run x86_64 Linux binaries in the aarch64 guest through Apple's
+    /// Rosetta (macOS on Apple Silicon only).
+    #[arg(long)]
+    rosetta: bool,
     /// Attach a virtio network card: `user` (unprivileged, through passt;
     /// `,publish=HOST_PORT:GUEST_PORT` maps host loopback TCP ports;
     /// `,offload=on` lets the guest send TSO packets that the VMM cuts up),
@@ -235,6 +239,7 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         command: (!args.command.is_empty()).then(|| args.command.clone()),
         env,
         workdir: args.workdir.clone(),
+        arch: locald_vmm::GuestArch::host(),
         vcpus,
         memory_mib,
         console: ConsoleConfig::Stdio,
@@ -267,6 +272,7 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
             None => None,
         },
         seccomp: !args.no_seccomp,
+        rosetta: args.rosetta,
         shares: {
             let cache =
                 locald_vmm::config::ShareCache::parse(&args.share_cache).ok_or_else(|| {

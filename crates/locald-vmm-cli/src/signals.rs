@@ -14,7 +14,7 @@
 //! The `signals` thread runs under the `control` seccomp filter when
 //! seccomp is on.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -47,14 +47,14 @@ extern "C" fn on_signal(sig: libc::c_int) {
 /// Installs the SIGINT/SIGTERM handlers and starts the `signals` thread
 /// (filtered with the `control` list when `filtered`).
 pub(crate) fn setup(filtered: bool) -> std::io::Result<()> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we pass.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 returned two fresh descriptors that we now own.
-    let read_end = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    PIPE_WRITE.store(fds[1], Ordering::SeqCst);
+    // A socket pair rather than pipe2 (not on macOS): close-on-exec by
+    // default on every platform, and non-blocking on both ends.
+    let (read_end, write_end) = std::os::unix::net::UnixStream::pair()?;
+    read_end.set_nonblocking(true)?;
+    write_end.set_nonblocking(true)?;
+    let read_end = OwnedFd::from(read_end);
+    // The write end stays open for the process's life (the handler uses it).
+    PIPE_WRITE.store(write_end.into_raw_fd(), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the
         // handler only calls write on a descriptor that stays open.

@@ -14,6 +14,12 @@ pub enum ConfigError {
         backend: &'static str,
         host: crate::config::GuestArch,
     },
+    #[error("{option} is not available with the {backend} backend{}", if hint.is_empty() { String::new() } else { format!(" ({hint})") })]
+    NotOnBackend {
+        option: &'static str,
+        backend: &'static str,
+        hint: &'static str,
+    },
     #[error("this platform has no VM backend (KVM on Linux, Virtualization.framework on macOS)")]
     NoBackend,
     #[error("--cpus {0} is out of range: must be between 1 and {1}")]

@@ -300,6 +300,11 @@ pub struct VmConfig {
     /// message (see docs/seccomp.md). The caller's own thread is never
     /// filtered by the library. On by default.
     pub seccomp: bool,
+    /// Run x86_64 Linux binaries in an aarch64 guest through Apple's
+    /// Rosetta (Virtualization.framework on Apple Silicon only): the
+    /// framework's Rosetta share is attached and the guest init registers
+    /// it with binfmt_misc. Other backends refuse it.
+    pub rosetta: bool,
 }
 
 impl Default for VmConfig {
@@ -328,6 +333,7 @@ impl Default for VmConfig {
             shares: Vec::new(),
             net: None,
             seccomp: true,
+            rosetta: false,
         }
     }
 }

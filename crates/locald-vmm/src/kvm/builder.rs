@@ -37,6 +37,14 @@ impl KvmBackend {
             }
             .into());
         }
+        if config.rosetta {
+            return Err(ConfigError::NotOnBackend {
+                option: "--rosetta",
+                backend: "KVM",
+                hint: "Rosetta is Apple's, for Virtualization.framework on Apple Silicon",
+            }
+            .into());
+        }
         if config.seccomp {
             crate::seccomp::check().map_err(|e| Error::Device(e.to_string()))?;
         }
