@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: host setup, lint, the default guest (built and
-# cached on first use), then all three tiers:
+# The whole test suite: host setup, lint (Linux, and a type-check and lint
+# for both Apple targets), the default guest (built and cached on first
+# use), then all three tiers:
 #   1. unit tests (no KVM)
 #   2. tiny freestanding guests on the real KVM API
 #   3. the real Linux default guest
@@ -37,6 +38,9 @@ export LOCALD_VMM_SKIP_LOG="$work/skips"
 scripts/setup-host.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The macOS build (Virtualization.framework backend, CLI): type-checked and
+# linted for both Apple targets; linking and running need a Mac.
+scripts/check-macos.sh
 cargo build --workspace --release
 # Build the default guest kernel (~6 min on 2 cores, once per machine) and
 # initramfs before the tests, with visible progress.
