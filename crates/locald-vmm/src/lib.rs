@@ -352,6 +352,7 @@ impl VirtualMachine {
                 agent: config.agent,
                 net: net_spec,
                 shares: guest_shares,
+                rosetta: None,
             }));
         }
         let cmdline = guest_cmdline(default_kernel, compat.then_some(compat_keep.as_str()));
