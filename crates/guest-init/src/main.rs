@@ -2,8 +2,9 @@
 //!
 //! Single-threaded. Boot sequence: report "userspace reached" on the exit
 //! port, mount the pseudo filesystems, set the hostname, bring up `lo`, read
-//! the command spec from `/.locald/`, switch to a root disk if the spec names
-//! one (`rootfs`), spawn the command (one `posix_spawn`, no shell) with the
+//! the command spec from `/.locald/`, configure `eth0` (`net`), switch to a
+//! root disk if the spec names one (`rootfs`), mount the virtio-fs shares
+//! (`shares`), spawn the command (one `posix_spawn`, no shell) with the
 //! console as stdio, reap children until it exits, make the disks' data
 //! durable (`shutdown`), then report its exit code through port `0xf4`,
 //! which ends the VM. Without the port (not under locald-vmm) it falls back
@@ -144,8 +145,8 @@ fn run(port: ExitPort) -> Ending {
             console::error(
                 format_args!(
                     "cannot mount share {} at {}",
-                    share.tag.to_string_lossy(),
-                    share.path.to_string_lossy()
+                    String::from_utf8_lossy(&share.tag),
+                    String::from_utf8_lossy(&share.path)
                 ),
                 e,
             );
