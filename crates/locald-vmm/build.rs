@@ -36,6 +36,8 @@ fn build_init(root: &Path, out_dir: &Path) {
         init_dir.join("Cargo.toml"),
         root.join("crates/agent-proto/src"),
         root.join("crates/agent-proto/Cargo.toml"),
+        root.join("crates/guest-spec/src"),
+        root.join("crates/guest-spec/Cargo.toml"),
         root.join("Cargo.toml"),
         root.join("Cargo.lock"),
     ] {

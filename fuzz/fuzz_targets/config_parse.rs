@@ -171,7 +171,12 @@ fn check_net(spec: &str) -> Option<NetConfig> {
     if let GuestNet::Static { prefix, .. } = c.guest {
         assert!((1..=32).contains(&prefix));
     }
-    let gs = c.guest_spec();
+    let gs = String::from_utf8(c.guest_spec().encode()).expect("net spec is text");
+    assert_eq!(
+        locald_guest_spec::NetSpec::decode(gs.as_bytes()).as_ref(),
+        Ok(&c.guest_spec()),
+        "{gs:?}"
+    );
     assert!(
         gs.starts_with(&format!("mac={}\n", format_mac(&c.mac))),
         "{gs:?}"

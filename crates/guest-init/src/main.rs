@@ -2,8 +2,9 @@
 //!
 //! Single-threaded. Boot sequence: report "userspace reached" on the exit
 //! port, mount the pseudo filesystems, set the hostname, bring up `lo`, read
-//! the command spec from `/.locald/`, switch to a root disk if the spec names
-//! one (`rootfs`), spawn the command (one `posix_spawn`, no shell) with the
+//! the command spec from `/.locald/`, configure `eth0` (`net`), switch to a
+//! root disk if the spec names one (`rootfs`), mount the virtio-fs shares
+//! (`shares`), set up Rosetta if asked (`rosetta`), spawn the command (one `posix_spawn`, no shell) with the
 //! console as stdio, reap children until it exits, make the disks' data
 //! durable (`shutdown`), then report its exit code through port `0xf4`,
 //! which ends the VM. Without the port (not under locald-vmm) it falls back
@@ -28,6 +29,7 @@ mod mounts;
 mod net;
 mod port;
 mod rootfs;
+mod rosetta;
 mod session;
 mod shares;
 mod shutdown;
@@ -127,6 +129,7 @@ fn run(port: ExitPort) -> Ending {
             return Ending::Exit(CODE_INIT_FAILURE);
         }
     };
+    let rosetta = rosetta::read(Path::new(spec::SPEC_DIR));
     // eth0 from /.locald/net, while busybox is still reachable.
     let resolv = net::configure(Path::new(spec::SPEC_DIR));
     if let Some(root) = &spec.root {
@@ -144,13 +147,17 @@ fn run(port: ExitPort) -> Ending {
             console::error(
                 format_args!(
                     "cannot mount share {} at {}",
-                    share.tag.to_string_lossy(),
-                    share.path.to_string_lossy()
+                    String::from_utf8_lossy(&share.tag),
+                    String::from_utf8_lossy(&share.path)
                 ),
                 e,
             );
             return Ending::Exit(CODE_INIT_FAILURE);
         }
+    }
+    // x86-64 binaries through Rosetta (best effort), after the mounts.
+    if let Some(r) = &rosetta {
+        rosetta::setup(r);
     }
     if let Some(dir) = &spec.workdir {
         if let Err(e) = enter_workdir(dir) {

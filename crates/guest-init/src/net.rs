@@ -3,9 +3,9 @@
 //! runs, so `run --net … -- CMD` has a network.
 //!
 //! Runs on init's only thread, before the optional root switch (busybox
-//! lives in the initramfs). Format: `KEY=VALUE` lines —
-//! `mode=dhcp|static|manual`, and for `static`: `address=A.B.C.D/P`,
-//! optional `gateway=`, `dns=`. `dhcp` runs busybox `udhcpc` once in the
+//! lives in the initramfs). Format and decoder: `locald_guest_spec::net`
+//! (`KEY=VALUE` lines — `mode=dhcp|static|manual`, and for `static`:
+//! `address=A.B.C.D/P`, optional `gateway=`, `dns=`). `dhcp` runs busybox `udhcpc` once in the
 //! foreground with a small script that applies the lease (address,
 //! default route, `/etc/resolv.conf`); `manual` only sets the link up.
 //! Failures are printed and the boot goes on (a command without network
@@ -19,6 +19,8 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+
+use locald_guest_spec::{NetMode, NetSpec, SpecFile};
 
 use crate::console;
 
@@ -56,53 +58,6 @@ esac
 exit 0
 "#;
 
-/// What `/.locald/net` asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetSpec {
-    Dhcp,
-    Static {
-        address: String,
-        gateway: Option<String>,
-        dns: Option<String>,
-    },
-    Manual,
-}
-
-/// Parses the spec file; `Err` names what is wrong.
-pub fn parse(text: &str) -> Result<NetSpec, String> {
-    let mut mode = None;
-    let (mut address, mut gateway, mut dns) = (None, None, None);
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let Some((k, v)) = line.split_once('=') else {
-            return Err(format!("line '{line}' is not KEY=VALUE"));
-        };
-        let ok = |v: &str| {
-            !v.is_empty()
-                && v.len() <= 18
-                && v.bytes()
-                    .all(|b| b.is_ascii_digit() || b == b'.' || b == b'/')
-        };
-        match k {
-            "mode" => mode = Some(v.to_string()),
-            "address" if ok(v) && v.contains('/') => address = Some(v.to_string()),
-            "gateway" if ok(v) => gateway = Some(v.to_string()),
-            "dns" if ok(v) => dns = Some(v.to_string()),
-            "mac" => {}
-            _ => return Err(format!("bad entry '{line}'")),
-        }
-    }
-    match mode.as_deref() {
-        Some("dhcp") | None => Ok(NetSpec::Dhcp),
-        Some("manual") => Ok(NetSpec::Manual),
-        Some("static") => Ok(NetSpec::Static {
-            address: address.ok_or("static mode without address=")?,
-            gateway,
-            dns,
-        }),
-        Some(m) => Err(format!("unknown mode '{m}'")),
-    }
-}
-
 /// Runs a busybox applet quietly; `Err` describes a failure.
 fn busybox(args: &[&str]) -> Result<(), String> {
     let out = Command::new(BUSYBOX)
@@ -128,17 +83,17 @@ fn busybox(args: &[&str]) -> Result<(), String> {
 /// configuration (`resolv.conf` text) when DNS servers are known, for
 /// [`install_resolv_conf`] after a root switch.
 pub fn configure(spec_dir: &Path) -> Option<String> {
-    let Ok(text) = std::fs::read_to_string(spec_dir.join("net")) else {
+    let Ok(data) = std::fs::read(spec_dir.join(SpecFile::Net.name())) else {
         return None;
     };
-    let spec = match parse(&text) {
+    let spec = match NetSpec::decode(&data) {
         Ok(s) => s,
         Err(e) => {
-            console::error("/.locald/net", e);
+            console::error(SpecFile::Net.guest_path(), e);
             return None;
         }
     };
-    match apply(&spec) {
+    match apply(&spec.mode) {
         Ok(resolv) => {
             if let Some(r) = &resolv {
                 if let Err(e) = write_resolv_conf(Path::new("/"), r) {
@@ -195,22 +150,25 @@ pub fn install_resolv_conf(text: &str) {
 
 /// Configures the interface; returns the `resolv.conf` text if DNS
 /// servers are known.
-fn apply(spec: &NetSpec) -> Result<Option<String>, String> {
+fn apply(mode: &NetMode) -> Result<Option<String>, String> {
     busybox(&["ip", "link", "set", IFACE, "up"])?;
-    match spec {
-        NetSpec::Manual => Ok(None),
-        NetSpec::Static {
+    match mode {
+        NetMode::Manual => Ok(None),
+        NetMode::Static {
             address,
+            prefix,
             gateway,
             dns,
         } => {
-            busybox(&["ip", "addr", "add", address, "dev", IFACE])?;
+            let cidr = format!("{address}/{prefix}");
+            busybox(&["ip", "addr", "add", &cidr, "dev", IFACE])?;
             if let Some(g) = gateway {
-                busybox(&["ip", "route", "add", "default", "via", g, "dev", IFACE])?;
+                let g = g.to_string();
+                busybox(&["ip", "route", "add", "default", "via", &g, "dev", IFACE])?;
             }
-            Ok(dns.as_deref().map(|d| resolv_text([d])))
+            Ok(dns.map(|d| resolv_text([d.to_string().as_str()])))
         }
-        NetSpec::Dhcp => {
+        NetMode::Dhcp => {
             use std::os::unix::fs::PermissionsExt;
             std::fs::write(SCRIPT, UDHCPC_SCRIPT).map_err(|e| format!("{SCRIPT}: {e}"))?;
             std::fs::set_permissions(SCRIPT, std::fs::Permissions::from_mode(0o755))
@@ -231,34 +189,6 @@ fn apply(spec: &NetSpec) -> Result<Option<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn specs_parse() {
-        assert_eq!(
-            parse("mac=02:00:00:00:00:01\nmode=dhcp\n"),
-            Ok(NetSpec::Dhcp)
-        );
-        assert_eq!(parse(""), Ok(NetSpec::Dhcp));
-        assert_eq!(parse("mode=manual"), Ok(NetSpec::Manual));
-        assert_eq!(
-            parse("mode=static\naddress=10.0.0.2/24\ngateway=10.0.0.1\ndns=10.0.0.1\n"),
-            Ok(NetSpec::Static {
-                address: "10.0.0.2/24".into(),
-                gateway: Some("10.0.0.1".into()),
-                dns: Some("10.0.0.1".into()),
-            })
-        );
-        for bad in [
-            "mode=static",
-            "mode=bogus",
-            "garbage",
-            "address=10.0.0.2",
-            "gateway=1.2.3.4; rm -rf /",
-            "dns=",
-        ] {
-            assert!(parse(bad).is_err(), "{bad}");
-        }
-    }
 
     /// A fresh empty directory under the temporary directory.
     fn scratch(name: &str) -> std::path::PathBuf {

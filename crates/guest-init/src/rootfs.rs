@@ -92,15 +92,18 @@ fn mkdir_quiet(path: &CStr) -> io::Result<()> {
 /// Mounts the root device on [`NEW_ROOT`], waiting up to [`DEVICE_WAIT`] for
 /// the device node to appear.
 fn mount_root(root: &RootSpec) -> io::Result<()> {
+    // The decoder split on NUL: these cannot fail.
+    let c = |b: &[u8]| CString::new(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
+    let (device, fstype) = (c(&root.device)?, c(&root.fstype)?);
     let flags = if root.read_only { libc::MS_RDONLY } else { 0 };
     let deadline = Instant::now() + DEVICE_WAIT;
     loop {
         // SAFETY: all strings are valid and NUL-terminated; no data options.
         let rc = unsafe {
             libc::mount(
-                root.device.as_ptr(),
+                device.as_ptr(),
                 NEW_ROOT.as_ptr(),
-                root.fstype.as_ptr(),
+                fstype.as_ptr(),
                 flags,
                 std::ptr::null(),
             )
@@ -150,11 +153,11 @@ fn move_mount(target: &CStr) {
 /// failure nothing is undone: the caller reports exit code 125 and powers
 /// off, and the shutdown sequence unmounts whatever was mounted.
 pub fn switch_root(root: &RootSpec) -> Result<(), SwitchError> {
-    let device = root.device.to_string_lossy();
+    let device = String::from_utf8_lossy(&root.device);
     let fail = |what: &str, e: io::Error| (format!("switching root to {device}: {what}"), e);
     mkdir_quiet(NEW_ROOT).map_err(|e| fail("mkdir /newroot", e))?;
     mount_root(root).map_err(|e| {
-        let fstype = root.fstype.to_string_lossy();
+        let fstype = String::from_utf8_lossy(&root.fstype);
         (format!("mounting root {device} ({fstype}) on /newroot"), e)
     })?;
     for target in top_level_targets(MOUNTS) {

@@ -111,11 +111,14 @@ fn command_spec(config: &VmConfig, default_init: bool) -> Option<assets::GuestCo
     } else {
         Vec::new()
     };
+    // Rosetta: the init mounts the framework's share and registers it.
+    let rosetta = (config.rosetta && default_init).then(|| config::ROSETTA_TAG.to_string());
     let needed = config.command.is_some()
         || root.is_some()
         || config.agent
         || net.is_some()
-        || !shares.is_empty();
+        || !shares.is_empty()
+        || rosetta.is_some();
     needed.then(|| assets::GuestCommand {
         argv: config.command.clone().unwrap_or_default(),
         env: config.env.clone(),
@@ -124,6 +127,7 @@ fn command_spec(config: &VmConfig, default_init: bool) -> Option<assets::GuestCo
         agent: config.agent,
         net,
         shares,
+        rosetta,
     })
 }
 
@@ -205,8 +209,15 @@ mod tests {
         assert_eq!(s.shares.len(), 1);
         assert_eq!(s.shares[0].path, "/mnt");
         assert!(s.shares[0].read_only);
+        assert_eq!(s.rosetta, None);
         // Another init does not read the share spec.
         assert!(command_spec(&c, false).unwrap().shares.is_empty());
+        let c = VmConfig {
+            rosetta: true,
+            ..VmConfig::default()
+        };
+        let s = command_spec(&c, true).expect("Rosetta alone needs a spec");
+        assert_eq!(s.rosetta.as_deref(), Some(config::ROSETTA_TAG));
     }
 
     #[test]

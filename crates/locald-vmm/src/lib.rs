@@ -40,8 +40,6 @@ pub mod seccomp;
 #[cfg(test)]
 pub(crate) mod test_support;
 mod vm;
-#[cfg(target_os = "macos")]
-pub mod vz;
 
 pub use cmdline::{
     compat_cmdline, guest_cmdline, BASE_CMDLINE, COMPAT_CLEARCPUID, COMPAT_CMDLINE,

@@ -1,6 +1,6 @@
 //! Default guest assets: the kernel (built once from embedded build inputs),
 //! the initramfs (embedded `locald-init` + a static busybox) and the small
-//! per-run command archive.
+//! per-run command archive (`command`).
 //!
 //! Runs on the caller's thread, before the VM is created. Everything lands in
 //! [`cache_dir()`] and is keyed by a content hash, so a cache entry is never
@@ -30,7 +30,9 @@ use thiserror::Error;
 
 use crate::cpio::{CpioBuilder, CpioError};
 
+mod command;
 mod rootfs;
+pub use command::{command_archive, GuestCommand, GuestRoot, GuestShare};
 pub use rootfs::{build_rootfs, RootfsImage};
 
 include!(concat!(env!("OUT_DIR"), "/kernel_inputs.rs"));
@@ -711,132 +713,6 @@ fn assemble_initramfs(
     let list: String = names.iter().map(|n| format!("{n}\n")).collect();
     b.file(APPLET_LIST, 0o644, list.as_bytes()).map_err(cpio)?;
     Ok(b.finish())
-}
-
-// ---------------------------------------------------------------------------
-// Command archive
-// ---------------------------------------------------------------------------
-
-/// What the guest init runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GuestCommand {
-    /// Program and arguments (no shell). Empty: interactive `/bin/sh`.
-    pub argv: Vec<String>,
-    /// Extra environment, applied over the init's defaults
-    /// (`PATH`, `HOME=/root`, `TERM=linux`).
-    pub env: Vec<(String, String)>,
-    /// Working directory (created if missing).
-    pub workdir: Option<String>,
-    /// Root filesystem to switch to before running the command.
-    pub root: Option<GuestRoot>,
-    /// Agent mode: the init starts the guest agent (`/.locald/agent`)
-    /// instead of running `argv`.
-    pub agent: bool,
-    /// virtio-fs shares to mount, written to `/.locald/shares`.
-    pub shares: Vec<GuestShare>,
-    /// Network configuration for `eth0`, written to `/.locald/net`
-    /// (`KEY=VALUE` lines, see `NetConfig::guest_spec`).
-    pub net: Option<String>,
-}
-
-/// A virtio-fs share the guest init mounts (after the root switch) — all
-/// of them written to `/.locald/shares` as `TAG\0PATH\0MODE\0` per share,
-/// MODE `rw` or `ro`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct GuestShare {
-    /// virtio-fs mount tag.
-    pub tag: String,
-    /// Absolute guest path (created if missing).
-    pub path: String,
-    /// Mount read-only.
-    pub read_only: bool,
-}
-
-/// A disk the guest init mounts as `/` (written to `/.locald/root` as
-/// `DEVICE\0FSTYPE\0MODE\0`, MODE `rw` or `ro`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct GuestRoot {
-    /// Guest device node, e.g. `/dev/vda`.
-    pub device: String,
-    /// Filesystem type for mount(2).
-    pub fstype: String,
-    /// Mount read-only.
-    pub read_only: bool,
-}
-
-/// Bytes of `s` up to its first NUL (the spec format cannot carry NUL,
-/// and neither can `execve`).
-fn until_nul(s: &str) -> &[u8] {
-    let b = s.as_bytes();
-    b.iter().position(|&c| c == 0).map_or(b, |i| &b[..i])
-}
-
-/// Builds the small newc archive appended after the base initramfs:
-/// `/.locald/argv` (NUL-terminated arguments; omitted when `argv` is empty),
-/// `/.locald/env` (NUL-terminated `K=V`; omitted when empty) and
-/// `/.locald/workdir` (the path, no terminator). A string containing NUL is
-/// cut at the NUL; a key containing `=` is split there by the guest.
-///
-/// # Panics
-/// Only if the argv or env data exceed 4 GiB (the newc size limit).
-pub fn command_archive(cmd: &GuestCommand) -> Vec<u8> {
-    let mut argv = Vec::new();
-    for a in &cmd.argv {
-        argv.extend_from_slice(until_nul(a));
-        argv.push(0);
-    }
-    let mut env = Vec::new();
-    for (k, v) in &cmd.env {
-        env.extend_from_slice(until_nul(k));
-        env.push(b'=');
-        env.extend_from_slice(until_nul(v));
-        env.push(0);
-    }
-    let mut b = CpioBuilder::new();
-    let mut add = || -> Result<(), CpioError> {
-        b.dir(".locald", 0o755)?;
-        if !argv.is_empty() {
-            b.file(".locald/argv", 0o644, &argv)?;
-        }
-        if !env.is_empty() {
-            b.file(".locald/env", 0o644, &env)?;
-        }
-        if let Some(w) = &cmd.workdir {
-            b.file(".locald/workdir", 0o644, until_nul(w))?;
-        }
-        if cmd.agent {
-            b.file(".locald/agent", 0o644, b"1\n")?;
-        }
-        if !cmd.shares.is_empty() {
-            let mut spec = Vec::new();
-            for s in &cmd.shares {
-                for field in [&s.tag, &s.path] {
-                    spec.extend_from_slice(until_nul(field));
-                    spec.push(0);
-                }
-                spec.extend_from_slice(if s.read_only { b"ro\0" } else { b"rw\0" });
-            }
-            b.file(".locald/shares", 0o644, &spec)?;
-        }
-        if let Some(n) = &cmd.net {
-            b.file(".locald/net", 0o644, until_nul(n))?;
-        }
-        if let Some(r) = &cmd.root {
-            let mut spec = Vec::new();
-            for field in [&r.device, &r.fstype] {
-                spec.extend_from_slice(until_nul(field));
-                spec.push(0);
-            }
-            spec.extend_from_slice(if r.read_only { b"ro\0" } else { b"rw\0" });
-            b.file(".locald/root", 0o644, &spec)?;
-        }
-        Ok(())
-    };
-    if let Err(e) = add() {
-        // Fixed valid paths: only a > 4 GiB argv/env can get here.
-        panic!("command archive: {e}");
-    }
-    b.finish()
 }
 
 #[cfg(test)]

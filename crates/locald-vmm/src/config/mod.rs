@@ -94,6 +94,10 @@ pub enum ConsoleConfig {
 }
 
 /// A virtio socket device whose host side is a Unix socket (Firecracker's
+/// virtio-fs tag of the Rosetta share (Virtualization.framework), which
+/// the guest init mounts at `/run/rosetta` and registers with binfmt_misc.
+pub const ROSETTA_TAG: &str = "rosetta";
+
 /// The guest's instruction set. The KVM backend runs only the host's; the
 /// Virtualization.framework backend runs the host's too (Apple Silicon
 /// runs x86_64 *binaries* through Rosetta, inside an aarch64 guest).

@@ -4,6 +4,8 @@
 
 use std::net::Ipv4Addr;
 
+use locald_guest_spec::NetSpec;
+
 /// Which host attachment the card uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetBackendConfig {
@@ -23,21 +25,10 @@ pub enum NetBackendConfig {
     },
 }
 
-/// How the guest init configures `eth0`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GuestNet {
-    /// DHCP with busybox `udhcpc` (address, route, DNS from the lease).
-    Dhcp,
-    /// A fixed address.
-    Static {
-        address: Ipv4Addr,
-        prefix: u8,
-        gateway: Option<Ipv4Addr>,
-        dns: Option<Ipv4Addr>,
-    },
-    /// Link up only; the command configures the rest.
-    Manual,
-}
+/// How the guest init configures `eth0`: DHCP, a static address or link
+/// up only. The type of the `/.locald/net` spec file, shared with the
+/// guest init (`locald-guest-spec`).
+pub use locald_guest_spec::NetMode as GuestNet;
 
 /// A virtio network card.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,54 +189,19 @@ impl NetConfig {
         Ok(cfg)
     }
 
-    /// The `/.locald/net` spec file for the guest init: `KEY=VALUE` lines
-    /// (`mode=dhcp|static|manual`, `mac=`, and for static `address=A/P`,
-    /// `gateway=`, `dns=`).
-    pub fn guest_spec(&self) -> String {
-        let mut s = format!("mac={}\n", format_mac(&self.mac));
-        match &self.guest {
-            GuestNet::Dhcp => s.push_str("mode=dhcp\n"),
-            GuestNet::Manual => s.push_str("mode=manual\n"),
-            GuestNet::Static {
-                address,
-                prefix,
-                gateway,
-                dns,
-            } => {
-                s.push_str(&format!("mode=static\naddress={address}/{prefix}\n"));
-                if let Some(g) = gateway {
-                    s.push_str(&format!("gateway={g}\n"));
-                }
-                if let Some(d) = dns {
-                    s.push_str(&format!("dns={d}\n"));
-                }
-            }
+    /// The `/.locald/net` spec for the guest init: this card's MAC and
+    /// guest configuration (encoded by `locald-guest-spec` as `KEY=VALUE`
+    /// lines).
+    pub fn guest_spec(&self) -> NetSpec {
+        NetSpec {
+            mac: Some(self.mac),
+            mode: self.guest.clone(),
         }
-        s
     }
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(m: &[u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff` (or `-` separators).
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut m = [0u8; 6];
-    let mut it = s.split([':', '-']);
-    for b in &mut m {
-        let p = it.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *b = u8::from_str_radix(p, 16).ok()?;
-    }
-    it.next().is_none().then_some(m)
-}
+/// `aa:bb:cc:dd:ee:ff`, and its parser (also `-` separators).
+pub use locald_guest_spec::net::{format_mac, parse_mac};
 
 /// A random unicast, locally administered MAC (`x2:…`, `x6:…`, …).
 pub fn random_mac() -> [u8; 6] {
@@ -342,7 +298,7 @@ mod tests {
                 dns: Some("10.0.0.1".parse().unwrap()),
             }
         );
-        let spec = c.guest_spec();
+        let spec = String::from_utf8(c.guest_spec().encode()).unwrap();
         assert!(spec.contains("mode=static\naddress=10.0.0.2/24\ngateway=10.0.0.1\n"));
         assert_eq!(
             NetConfig::parse("tap,ip=none").unwrap().guest,
