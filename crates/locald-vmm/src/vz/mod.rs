@@ -1,0 +1,5 @@
+//! The macOS backend, on Apple's Virtualization.framework (VZ).
+
+pub mod error;
+pub mod kernel;
+pub mod plan;
