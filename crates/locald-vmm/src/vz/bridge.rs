@@ -131,7 +131,9 @@ struct Slot(Arc<AtomicUsize>);
 impl Slot {
     fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
         counter
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
             .ok()
             .map(|_| Slot(counter.clone()))
     }
@@ -238,7 +240,9 @@ impl BridgeHandle {
     pub fn guest_connected(&self, port: u32, guest: OwnedFd) {
         let inner = &self.0;
         let Some(slot) = Slot::take(&inner.live, inner.limits.max_connections) else {
-            tracing::warn!("{WHO}: connection limit reached; closing a guest connection to port {port}");
+            tracing::warn!(
+                "{WHO}: connection limit reached; closing a guest connection to port {port}"
+            );
             return;
         };
         let path = host_port_path(&inner.uds, port);
@@ -345,7 +349,9 @@ fn host_client(inner: &Inner, mut client: UnixStream, pending: Slot, live: Slot)
         Ok(c) => c,
         Err(e) => {
             // As the KVM muxer on a guest RST: close, no reply.
-            tracing::debug!("{WHO}: guest port {port} refused the connection ({e}); closing the client");
+            tracing::debug!(
+                "{WHO}: guest port {port} refused the connection ({e}); closing the client"
+            );
             return;
         }
     };
@@ -354,7 +360,12 @@ fn host_client(inner: &Inner, mut client: UnixStream, pending: Slot, live: Slot)
     if client.set_read_timeout(None).is_err() || client.write_all(ok.as_bytes()).is_err() {
         return;
     }
-    splice(client, UnixStream::from(conn.fd), inner.limits.buf_size, live);
+    splice(
+        client,
+        UnixStream::from(conn.fd),
+        inner.limits.buf_size,
+        live,
+    );
 }
 
 /// Copies both ways between `a` and `b` until both directions end: EOF on
@@ -423,7 +434,10 @@ mod tests {
         fn connect(&self, port: u32) -> io::Result<DialedConn> {
             self.dials.fetch_add(1, Ordering::SeqCst);
             if !self.listening.contains(&port) {
-                return Err(io::Error::new(io::ErrorKind::ConnectionReset, "guest refused"));
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "guest refused",
+                ));
             }
             let (host, guest) = UnixStream::pair()?;
             self.conns.lock().unwrap().send((port, guest)).unwrap();
@@ -492,7 +506,10 @@ mod tests {
     fn wait_until(what: &str, f: impl Fn() -> bool) {
         let t0 = Instant::now();
         while !f() {
-            assert!(t0.elapsed() < Duration::from_secs(5), "timed out waiting for {what}");
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "timed out waiting for {what}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -585,7 +602,10 @@ mod tests {
     #[test]
     fn parses_like_the_muxer() {
         assert_eq!(parse_connect_line(b"CONNECT 52\n"), Some(52));
-        assert_eq!(parse_connect_line(b"Connect   4294967295 \r\n"), Some(u32::MAX));
+        assert_eq!(
+            parse_connect_line(b"Connect   4294967295 \r\n"),
+            Some(u32::MAX)
+        );
         for bad in [
             &b"CONNECT 52"[..],
             b"\n",
@@ -627,7 +647,9 @@ mod tests {
         let path = agent::host_port_path(&s.uds, agent::READY_PORT);
         let l = UnixListener::bind(&path).unwrap();
         let (guest, host_side) = UnixStream::pair().unwrap();
-        s.bridge.handle().guest_connected(agent::READY_PORT, host_side.into());
+        s.bridge
+            .handle()
+            .guest_connected(agent::READY_PORT, host_side.into());
         let (mut h, _) = l.accept().unwrap();
         let mut guest = guest;
         guest.write_all(b"READY\n").unwrap();
@@ -652,7 +674,9 @@ mod tests {
             ..BridgeLimits::default()
         };
         let s = setup("pending", limits);
-        let quiet: Vec<UnixStream> = (0..2).map(|_| UnixStream::connect(&s.uds).unwrap()).collect();
+        let quiet: Vec<UnixStream> = (0..2)
+            .map(|_| UnixStream::connect(&s.uds).unwrap())
+            .collect();
         wait_until("two pending clients", || s.bridge.pending_clients() == 2);
         // The third is closed at once.
         let mut third = UnixStream::connect(&s.uds).unwrap();
@@ -661,7 +685,10 @@ mod tests {
         for mut q in quiet {
             q.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
             let e = q.read(&mut [0u8; 1]).unwrap_err();
-            assert!(matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut));
+            assert!(matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ));
         }
     }
 

@@ -26,7 +26,10 @@ impl PanicScanner {
         let keep = PANIC_MARKER.len() - 1;
         let mut window = std::mem::take(&mut self.tail);
         window.extend_from_slice(chunk);
-        if window.windows(PANIC_MARKER.len()).any(|w| w == PANIC_MARKER) {
+        if window
+            .windows(PANIC_MARKER.len())
+            .any(|w| w == PANIC_MARKER)
+        {
             self.seen = true;
             return true;
         }
@@ -96,7 +99,8 @@ mod tests {
     fn pump_copies_and_reports() {
         let out = SharedBuffer::default();
         let hits = AtomicUsize::new(0);
-        let input: &[u8] = b"boot\nKernel panic - not syncing: x\nmore Kernel panic - not syncing\n";
+        let input: &[u8] =
+            b"boot\nKernel panic - not syncing: x\nmore Kernel panic - not syncing\n";
         pump(input, Some(Box::new(out.clone())), || {
             hits.fetch_add(1, Ordering::SeqCst);
         });

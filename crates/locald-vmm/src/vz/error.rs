@@ -12,6 +12,8 @@ pub enum VzError {
     Plan(#[from] PlanError),
     #[error("Virtualization.framework is not available on this Mac (VZVirtualMachine.isSupported is false: no hardware virtualization, or inside a VM without nested support)")]
     Unsupported,
+    #[error("the macOS backend needs macOS 12.3 or later (disk caching and sync modes, block device serials, the generic platform)")]
+    MacOsTooOld,
     #[error("Rosetta for Linux is {0} on this Mac (install it with `softwareupdate --install-rosetta`, or leave out --rosetta)")]
     Rosetta(&'static str),
     #[error("disk {}: {msg}", .path.display())]

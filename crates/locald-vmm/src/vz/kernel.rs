@@ -35,7 +35,9 @@ impl KernelFormat {
     pub fn sniff(h: &[u8]) -> Self {
         let at = |off: usize, magic: &[u8]| h.get(off..off + magic.len()) == Some(magic);
         if at(0, b"\x7fELF") {
-            let machine = h.get(0x12..0x14).map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
+            let machine = h
+                .get(0x12..0x14)
+                .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]));
             return KernelFormat::Elf { machine };
         }
         if at(0, &[0x1f, 0x8b]) || (at(0, b"MZ") && at(4, b"zimg")) {
@@ -64,7 +66,9 @@ impl KernelFormat {
             KernelFormat::Arm64Image => "an arm64 Image".into(),
             KernelFormat::X86BzImage => "an x86 bzImage".into(),
             KernelFormat::Elf { machine: EM_X86_64 } => "an x86_64 ELF vmlinux".into(),
-            KernelFormat::Elf { machine: EM_AARCH64 } => "an aarch64 ELF vmlinux".into(),
+            KernelFormat::Elf {
+                machine: EM_AARCH64,
+            } => "an aarch64 ELF vmlinux".into(),
             KernelFormat::Elf { machine } => format!("an ELF file for machine {machine:#x}"),
             KernelFormat::Compressed => "a compressed kernel (gzip or EFI zboot)".into(),
             KernelFormat::Unknown => "not a kernel format we recognise".into(),
@@ -102,13 +106,19 @@ pub(crate) mod tests {
 
     #[test]
     fn sniffs_formats() {
-        assert_eq!(KernelFormat::sniff(&arm64_image()), KernelFormat::Arm64Image);
+        assert_eq!(
+            KernelFormat::sniff(&arm64_image()),
+            KernelFormat::Arm64Image
+        );
         assert_eq!(KernelFormat::sniff(&bzimage()), KernelFormat::X86BzImage);
         assert_eq!(
             KernelFormat::sniff(&elf(EM_X86_64)),
             KernelFormat::Elf { machine: EM_X86_64 }
         );
-        assert_eq!(KernelFormat::sniff(&[0x1f, 0x8b, 8, 0]), KernelFormat::Compressed);
+        assert_eq!(
+            KernelFormat::sniff(&[0x1f, 0x8b, 8, 0]),
+            KernelFormat::Compressed
+        );
         let mut zboot = vec![0u8; 64];
         zboot[..2].copy_from_slice(b"MZ");
         zboot[4..8].copy_from_slice(b"zimg");
@@ -116,7 +126,10 @@ pub(crate) mod tests {
         assert_eq!(KernelFormat::sniff(b""), KernelFormat::Unknown);
         assert_eq!(KernelFormat::sniff(&[0u8; 16]), KernelFormat::Unknown);
         // A truncated ELF header still classifies, with an unknown machine.
-        assert_eq!(KernelFormat::sniff(b"\x7fELF"), KernelFormat::Elf { machine: 0 });
+        assert_eq!(
+            KernelFormat::sniff(b"\x7fELF"),
+            KernelFormat::Elf { machine: 0 }
+        );
         assert!(KernelFormat::Elf { machine: 3 }.describe().contains("0x3"));
     }
 

@@ -189,7 +189,10 @@ pub fn stop_vm(vm: &dyn VmHandle, stopped: &Stopped, policy: StopPolicy) -> bool
             StopStep::ForceStop => vm.force_stop(),
             StopStep::Done => return true,
             StopStep::GiveUp => {
-                tracing::warn!("the VM did not stop within {:?} of a forced stop", policy.force_wait);
+                tracing::warn!(
+                    "the VM did not stop within {:?} of a forced stop",
+                    policy.force_wait
+                );
                 return false;
             }
         }
@@ -292,7 +295,11 @@ mod tests {
         record(&c, &VmEvent::GuestStopped, true);
         assert_eq!(c.status(), Some(ExitStatus::Panic));
         let c = VmControl::new();
-        record(&c, &VmEvent::StoppedWithError("internal error".into()), false);
+        record(
+            &c,
+            &VmEvent::StoppedWithError("internal error".into()),
+            false,
+        );
         match c.wait(None) {
             Some(Outcome::Failed(m)) => assert!(m.contains("internal error"), "{m}"),
             o => panic!("{o:?}"),
@@ -315,7 +322,10 @@ mod tests {
         assert_eq!(s.next(t0, false), StopStep::WaitUntil(t0 + p.grace));
         let late = t0 + p.grace;
         assert_eq!(s.next(late, false), StopStep::ForceStop);
-        assert_eq!(s.next(late, false), StopStep::WaitUntil(late + p.force_wait));
+        assert_eq!(
+            s.next(late, false),
+            StopStep::WaitUntil(late + p.force_wait)
+        );
         assert_eq!(s.next(late + p.force_wait, false), StopStep::GiveUp);
         assert_eq!(s.next(late + p.force_wait, true), StopStep::Done);
         // A refused request forces at once.
@@ -401,7 +411,11 @@ mod tests {
         assert_eq!(vm.forces.load(Ordering::SeqCst), 1);
         // The framework stopped the VM with an error.
         let vm = FakeVm::new(true, None, true);
-        record(&vm.control, &VmEvent::StoppedWithError("boom".into()), false);
+        record(
+            &vm.control,
+            &VmEvent::StoppedWithError("boom".into()),
+            false,
+        );
         vm.stopped.set();
         let o = run_to_end(&vm.control, None, &vm, &vm.stopped, policy(20));
         assert!(matches!(o, Outcome::Failed(m) if m.contains("boom")));

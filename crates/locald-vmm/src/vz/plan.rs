@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use super::kernel::KernelFormat;
 use crate::config::{
-    CacheMode, ConsoleConfig, CpuCompat, DiskConfig, GuestArch, NetBackendConfig, SharedBuffer,
-    ShareCache, ShareConfig, VmConfig,
+    CacheMode, ConsoleConfig, CpuCompat, DiskConfig, GuestArch, NetBackendConfig, ShareCache,
+    ShareConfig, SharedBuffer, VmConfig,
 };
 
 /// The guest's vsock context id under VZ. `VZVirtioSocketDevice` does not
@@ -125,7 +125,10 @@ pub enum ConsolePlan {
     /// Our stdin to the guest, the guest's output to our stdout.
     Stdio,
     /// `input` to the guest, its output into `output`.
-    Buffer { input: Vec<u8>, output: SharedBuffer },
+    Buffer {
+        input: Vec<u8>,
+        output: SharedBuffer,
+    },
     /// Output to our stderr, no input.
     Stderr,
     /// Output read and dropped, no input.
@@ -268,13 +271,23 @@ pub enum PlanError {
     },
     #[error("--cpus {cpus} is outside Virtualization.framework's range {min}-{max}")]
     Cpus { cpus: u64, min: u64, max: u64 },
-    #[error("--memory {mib} MiB is outside Virtualization.framework's range {min_mib}-{max_mib} MiB")]
-    Memory { mib: u64, min_mib: u64, max_mib: u64 },
-    #[error("--cpu-compat on is for software KVM; the macOS backend has no such path (use auto or off)")]
+    #[error(
+        "--memory {mib} MiB is outside Virtualization.framework's range {min_mib}-{max_mib} MiB"
+    )]
+    Memory {
+        mib: u64,
+        min_mib: u64,
+        max_mib: u64,
+    },
+    #[error(
+        "--cpu-compat on is for software KVM; the macOS backend has no such path (use auto or off)"
+    )]
     CpuCompat,
     #[error("--profile-guest needs the KVM backend (Virtualization.framework exposes no guest registers)")]
     Profile,
-    #[error("--net tap needs Linux; on macOS use --net user (NAT through Virtualization.framework)")]
+    #[error(
+        "--net tap needs Linux; on macOS use --net user (NAT through Virtualization.framework)"
+    )]
     Tap,
     #[error("--net user,{0} is a passt option; on macOS the network is Virtualization.framework's NAT (publish ports with -p, which goes over vsock)")]
     NetOption(&'static str),
@@ -283,7 +296,10 @@ pub enum PlanError {
     #[error("agent mode needs a vsock socket: the agent-link stage must set VmConfig::vsock before planning")]
     MissingVsock,
     #[error("--share {}: the cache mode {cache:?} cannot be set on macOS (Virtualization.framework's virtio-fs decides its own caching; use the default)", .host_dir.display())]
-    ShareCache { host_dir: PathBuf, cache: ShareCache },
+    ShareCache {
+        host_dir: PathBuf,
+        cache: ShareCache,
+    },
     #[error("invalid disk '{}': the id '{id}' must be ASCII of at most 20 bytes for Virtualization.framework", .path.display())]
     DiskId { path: PathBuf, id: String },
     #[error("--rosetta needs an aarch64 guest on an Apple Silicon Mac (this is a {guest} guest on {host})")]
@@ -317,7 +333,9 @@ impl VzPlan {
             .map(|(i, s)| share_plan(i, s))
             .collect::<Result<Vec<_>, _>>()?;
         let vsock = match (&config.vsock, config.agent) {
-            (Some(v), _) if v.guest_cid != VZ_GUEST_CID => return Err(PlanError::VsockCid(v.guest_cid)),
+            (Some(v), _) if v.guest_cid != VZ_GUEST_CID => {
+                return Err(PlanError::VsockCid(v.guest_cid))
+            }
             (Some(v), _) => Some(VsockPlan {
                 uds_path: v.uds_path.clone(),
                 guest_to_host_ports: opts.guest_to_host_ports.clone(),
@@ -438,7 +456,11 @@ fn cpus_and_memory(config: &VmConfig, l: &VzLimits) -> Result<(u64, u64), PlanEr
     let max_mib = l.max_memory >> 20;
     let mib = config.memory_mib;
     if mib < min_mib || mib > max_mib {
-        return Err(PlanError::Memory { mib, min_mib, max_mib });
+        return Err(PlanError::Memory {
+            mib,
+            min_mib,
+            max_mib,
+        });
     }
     Ok((cpus, mib << 20))
 }
@@ -573,10 +595,8 @@ mod tests {
         fn new(tag: &str) -> Self {
             static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
             let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let p = std::env::temp_dir().join(format!(
-                "locald-vzplan-{tag}-{}-{n}",
-                std::process::id()
-            ));
+            let p = std::env::temp_dir()
+                .join(format!("locald-vzplan-{tag}-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&p);
             std::fs::create_dir_all(&p).unwrap();
             Tmp(p)
@@ -649,7 +669,10 @@ mod tests {
     fn cmdline_forms() {
         assert_eq!(vz_cmdline(false, None), "console=hvc0 panic=-1");
         assert_eq!(vz_cmdline(false, Some("  ")), "console=hvc0 panic=-1");
-        assert_eq!(vz_cmdline(true, Some("a=b")), "console=hvc0 panic=-1 quiet a=b");
+        assert_eq!(
+            vz_cmdline(true, Some("a=b")),
+            "console=hvc0 panic=-1 quiet a=b"
+        );
     }
 
     #[test]
@@ -668,7 +691,16 @@ mod tests {
         // An arm64 Image on an Intel Mac is refused.
         let k = t.file("Image", &arm64_image());
         let e = VzPlan::new(&cfg, boot(k), &opts, &VzLimits::DOCUMENTED).unwrap_err();
-        assert!(matches!(e, PlanError::KernelFormat { host: GuestArch::X86_64, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                PlanError::KernelFormat {
+                    host: GuestArch::X86_64,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -686,8 +718,13 @@ mod tests {
             assert!(e.to_string().contains(needle), "{name}: {e}");
             assert!(e.to_string().contains("arm64 Image"), "{e}");
         }
-        let e = VzPlan::new(&arm_cfg(), boot(t.0.join("none")), &arm(), &VzLimits::DOCUMENTED)
-            .unwrap_err();
+        let e = VzPlan::new(
+            &arm_cfg(),
+            boot(t.0.join("none")),
+            &arm(),
+            &VzLimits::DOCUMENTED,
+        )
+        .unwrap_err();
         assert!(matches!(e, PlanError::KernelRead { .. }), "{e}");
     }
 
@@ -733,11 +770,22 @@ mod tests {
         let p = run(8, 4096).unwrap();
         assert_eq!((p.cpus, p.memory_bytes), (8, 4096 << 20));
         assert_eq!(p.memory_bytes % (1 << 20), 0);
-        assert!(matches!(run(9, 512), Err(PlanError::Cpus { cpus: 9, min: 1, max: 8 })));
+        assert!(matches!(
+            run(9, 512),
+            Err(PlanError::Cpus {
+                cpus: 9,
+                min: 1,
+                max: 8
+            })
+        ));
         assert!(matches!(run(0, 512), Err(PlanError::Cpus { cpus: 0, .. })));
         assert!(matches!(
             run(1, 127),
-            Err(PlanError::Memory { mib: 127, min_mib: 128, max_mib: 4096 })
+            Err(PlanError::Memory {
+                mib: 127,
+                min_mib: 128,
+                max_mib: 4096
+            })
         ));
         assert!(matches!(run(1, 4097), Err(PlanError::Memory { .. })));
         assert!(run(1, 128).is_ok());
@@ -835,12 +883,18 @@ mod tests {
 
     #[test]
     fn cache_mode_table() {
-        assert_eq!(cache_modes(CacheMode::Writeback), (DiskCaching::Cached, DiskSync::Full));
+        assert_eq!(
+            cache_modes(CacheMode::Writeback),
+            (DiskCaching::Cached, DiskSync::Full)
+        );
         assert_eq!(
             cache_modes(CacheMode::Writethrough),
             (DiskCaching::Uncached, DiskSync::Full)
         );
-        assert_eq!(cache_modes(CacheMode::Unsafe), (DiskCaching::Cached, DiskSync::None));
+        assert_eq!(
+            cache_modes(CacheMode::Unsafe),
+            (DiskCaching::Cached, DiskSync::None)
+        );
     }
 
     #[test]
@@ -853,7 +907,10 @@ mod tests {
                 }],
                 ..arm_cfg()
             };
-            assert!(matches!(plan(&cfg, &arm()), Err(PlanError::DiskId { .. })), "{id}");
+            assert!(
+                matches!(plan(&cfg, &arm()), Err(PlanError::DiskId { .. })),
+                "{id}"
+            );
         }
         // A non-ASCII file name just gets no serial.
         let cfg = VmConfig {
@@ -903,7 +960,10 @@ mod tests {
                 }],
                 ..arm_cfg()
             };
-            assert!(matches!(plan(&cfg, &arm()), Err(PlanError::ShareCache { .. })));
+            assert!(matches!(
+                plan(&cfg, &arm()),
+                Err(PlanError::ShareCache { .. })
+            ));
         }
     }
 
@@ -913,7 +973,8 @@ mod tests {
             host_dir: p.into(),
             read_only: false,
         };
-        let ShareKind::Multiple(named) = multiple_share(&[d("/a/src"), d("/b/src"), d("/"), d("/x/src")])
+        let ShareKind::Multiple(named) =
+            multiple_share(&[d("/a/src"), d("/b/src"), d("/"), d("/x/src")])
         else {
             panic!("not multiple");
         };
@@ -945,7 +1006,10 @@ mod tests {
                 guest_to_host_ports: vec![1023, 5000],
             })
         );
-        assert_eq!(PlanOptions::default().guest_to_host_ports, [crate::agent::READY_PORT]);
+        assert_eq!(
+            PlanOptions::default().guest_to_host_ports,
+            [crate::agent::READY_PORT]
+        );
         let cfg = VmConfig {
             vsock: Some(v(7)),
             ..arm_cfg()
@@ -994,7 +1058,10 @@ mod tests {
             let e = plan(&cfg, &arm()).unwrap_err();
             match want {
                 None => assert!(matches!(e, PlanError::Tap), "{spec}: {e}"),
-                Some(w) => assert!(matches!(e, PlanError::NetOption(o) if o == w), "{spec}: {e}"),
+                Some(w) => assert!(
+                    matches!(e, PlanError::NetOption(o) if o == w),
+                    "{spec}: {e}"
+                ),
             }
         }
         // offload=off and host-loopback=off are the defaults: fine.
@@ -1027,7 +1094,10 @@ mod tests {
         assert_eq!(out.text(), "hi");
         assert!(!p.entropy);
         assert_eq!(p.timeout, Some(Duration::from_secs(9)));
-        for (c, want) in [(ConsoleConfig::Stderr, "Stderr"), (ConsoleConfig::Null, "Null")] {
+        for (c, want) in [
+            (ConsoleConfig::Stderr, "Stderr"),
+            (ConsoleConfig::Null, "Null"),
+        ] {
             let cfg = VmConfig {
                 console: c,
                 ..arm_cfg()
@@ -1042,7 +1112,10 @@ mod tests {
             rosetta: true,
             ..arm()
         };
-        assert_eq!(plan(&arm_cfg(), &opts).unwrap().rosetta.as_deref(), Some("rosetta"));
+        assert_eq!(
+            plan(&arm_cfg(), &opts).unwrap().rosetta.as_deref(),
+            Some("rosetta")
+        );
         let t = Tmp::new("ros");
         let k = t.file("bzImage", &bzimage());
         let intel = PlanOptions {
