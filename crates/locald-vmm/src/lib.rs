@@ -25,6 +25,7 @@ pub mod profile;
 pub mod publish;
 #[cfg(target_os = "linux")]
 pub mod seccomp;
+pub mod vz;
 #[cfg(test)]
 pub(crate) mod test_support;
 #[cfg(test)]
