@@ -21,7 +21,10 @@ use crate::runtime::RuntimeDir;
 pub(crate) struct RunOptions {
     pub(crate) console: ConsoleConfig,
     pub(crate) timeout: Option<Duration>,
+    /// Guest RIP sampling (KVM only; other backends refuse it).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub(crate) profile_hz: u32,
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub(crate) system_map: Option<PathBuf>,
     pub(crate) seccomp: bool,
 }

@@ -104,8 +104,7 @@ pub enum Error {
     Run(String),
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
-    /// The Virtualization.framework backend failed.
-    #[cfg(target_os = "macos")]
+    /// The Virtualization.framework backend refused or failed.
     #[error(transparent)]
     Vz(#[from] crate::vz::VzError),
     #[error("I/O error: {0}")]

@@ -40,6 +40,7 @@ pub mod seccomp;
 #[cfg(test)]
 pub(crate) mod test_support;
 mod vm;
+pub mod vz;
 
 pub use cmdline::{
     compat_cmdline, guest_cmdline, BASE_CMDLINE, COMPAT_CLEARCPUID, COMPAT_CMDLINE,
