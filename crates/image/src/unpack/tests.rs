@@ -1,0 +1,1 @@
+//! Unit tests of the unpacker internals (name normalization, the table).
