@@ -854,11 +854,19 @@ impl Unpacker {
                 source: e,
             }
         };
+        // An all-blank numeric field (some writers leave uid/gid/mtime
+        // empty) reads as 0; any other unparsable field is an error.
+        let old = h.as_old();
+        let num = |v: io::Result<u64>, raw: &[u8], what: &'static str| match v {
+            Ok(v) => Ok(v),
+            Err(_) if raw.iter().all(|&b| b == 0 || b == b' ') => Ok(0),
+            Err(e) => Err(bad(what)(e)),
+        };
         let mut meta = EntryMeta {
             mode: h.mode().map_err(bad("header mode"))? & 0o7777,
-            uid: h.uid().map_err(bad("header uid"))?,
-            gid: h.gid().map_err(bad("header gid"))?,
-            mtime: h.mtime().map_err(bad("header mtime"))?,
+            uid: num(h.uid(), &old.uid, "header uid")?,
+            gid: num(h.gid(), &old.gid, "header gid")?,
+            mtime: num(h.mtime(), &old.mtime, "header mtime")?,
             xattrs: Vec::new(),
         };
         if let Some(pax) = entry.pax_extensions().map_err(bad("PAX records"))? {
