@@ -1080,6 +1080,177 @@ def _():
     return raw_seed(b"", b"\x01\x01\x00\x00\x05")
 
 
+# ----- image_unpack -----------------------------------------------------------
+# Byte 0: 0 plain tar media type, 1 gzip, 2 zstd, else sniffed; bytes 1-2:
+# u16 LE length of the first layer; the rest is the second layer. The
+# canary the target checks lives at /tmp/locald-fuzz-unpack-canary, and the
+# staging root at /tmp/locald-fuzz-unpack-PID/root (so `../../` from the
+# root reaches /tmp).
+CANARY = "/tmp/locald-fuzz-unpack-canary"
+
+
+def tar_layer(entries, fmt=None):
+    """entries: (name, type, data/linkname, extra dict) tuples."""
+    import io
+    import tarfile
+
+    fmt = tarfile.PAX_FORMAT if fmt is None else fmt
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
+        for name, typ, arg, extra in entries:
+            ti = tarfile.TarInfo(name)
+            ti.type = typ
+            ti.mtime = 1600000000
+            ti.mode = extra.get("mode", 0o755 if typ == tarfile.DIRTYPE else 0o644)
+            ti.uid = extra.get("uid", 0)
+            ti.gid = extra.get("gid", 0)
+            ti.devmajor, ti.devminor = extra.get("dev", (0, 0))
+            ti.pax_headers = extra.get("pax", {})
+            data = None
+            if typ in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                ti.linkname = arg
+            elif typ == tarfile.REGTYPE:
+                data = arg
+                ti.size = len(arg)
+            t.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def unpack_seed(mode, first, second=b""):
+    return bytes([mode]) + struct.pack("<H", len(first)) + first + second
+
+
+def _reg(name, data=b"x", **kw):
+    import tarfile
+
+    return (name, tarfile.REGTYPE, data, kw)
+
+
+def _dir(name, **kw):
+    import tarfile
+
+    return (name, tarfile.DIRTYPE, None, kw)
+
+
+def _sym(name, target):
+    import tarfile
+
+    return (name, tarfile.SYMTYPE, target, {"mode": 0o777})
+
+
+def _lnk(name, target):
+    import tarfile
+
+    return (name, tarfile.LNKTYPE, target, {})
+
+
+def _dev(name, typ, major, minor):
+    return (name, typ, None, {"dev": (major, minor), "mode": 0o666})
+
+
+def basic_layer():
+    import tarfile
+
+    return tar_layer([
+        _dir("./"),
+        _dir("etc"),
+        _reg("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+        _reg("usr/bin/sudo", b"suid", mode=0o4755,
+             pax={"SCHILY.xattr.user.a": "1", "SCHILY.xattr.security.capability": "c"}),
+        _lnk("usr/bin/sudo2", "usr/bin/sudo"),
+        _sym("bin", "usr/bin"),
+        _reg("bin/through", b"t"),
+        _dev("dev/null", tarfile.CHRTYPE, 1, 3),
+        _dev("dev/sda", tarfile.BLKTYPE, 8, 0),
+        _dev("dev/fifo", tarfile.FIFOTYPE, 0, 0),
+        _reg("d" * 120 + "/" + "f" * 120, b"long"),
+    ])
+
+
+@seed("image_unpack", "basic_plain")
+def _():
+    return unpack_seed(0, basic_layer())
+
+
+@seed("image_unpack", "basic_gzip")
+def _():
+    import gzip
+
+    return unpack_seed(1, gzip.compress(basic_layer(), mtime=0))
+
+
+@seed("image_unpack", "basic_gnu_sniffed")
+def _():
+    import tarfile
+
+    return unpack_seed(3, tar_layer([
+        _dir("a"), _reg("a/" + "n" * 150, b"gnu long name"),
+        _sym("a/" + "s" * 120, "t" * 130),
+    ], fmt=tarfile.GNU_FORMAT))
+
+
+@seed("image_unpack", "whiteouts_two_layers")
+def _():
+    lower = tar_layer([
+        _dir("etc"), _reg("etc/gone"), _dir("etc/gonedir"), _reg("etc/gonedir/x"),
+        _dir("opq"), _reg("opq/old"), _dir("opq/sub"), _reg("opq/sub/old"),
+        _sym("lib", "usr/lib"), _dir("usr"), _dir("usr/lib"), _reg("usr/lib/a"),
+    ])
+    upper = tar_layer([
+        _reg("etc/.wh.gone", b""), _reg("etc/.wh.gonedir", b""),
+        _reg("opq/new", b"n"), _reg("opq/.wh..wh..opq", b""), _reg("opq/sub/later"),
+        _reg("lib/.wh.a", b""), _reg("lib/b"), _reg(".wh..wh.plnk", b""),
+        _reg("etc/gone", b"back"), _reg("etc/.wh.gone", b""),
+    ])
+    return unpack_seed(0, lower, upper)
+
+
+@seed("image_unpack", "symlink_write_through")
+def _():
+    lower = tar_layer([
+        _sym("abs", CANARY), _sym("rel", "../../locald-fuzz-unpack-canary"),
+        _sym("up", "../../../../.."), _sym("loop", "loop"),
+        _sym("file", CANARY + "/secret"),
+        _reg("abs/pwned"), _reg("rel/pwned"), _reg("up/tmp/pwned"),
+    ])
+    upper = tar_layer([
+        _reg("file", b"overwrite"), _dir("abs", mode=0o777),
+        _reg("rel/sub/deep", b"x"), _reg("loop/x"),
+    ])
+    return unpack_seed(0, lower, upper)
+
+
+@seed("image_unpack", "hardlinks_out")
+def _():
+    return unpack_seed(0, tar_layer([
+        _sym("abs", CANARY), _sym("rel", "../../locald-fuzz-unpack-canary"),
+        _lnk("l1", "abs/secret"), _lnk("l2", "rel/secret"),
+        _lnk("l3", CANARY + "/secret"), _lnk("l4", "../../locald-fuzz-unpack-canary/secret"),
+        _lnk("l5", "."), _lnk("l6", "abs"),
+    ]))
+
+
+@seed("image_unpack", "hostile_names")
+def _():
+    return unpack_seed(0, tar_layer([
+        _reg(CANARY + "/pwned"), _reg("../../locald-fuzz-unpack-canary/pwned"),
+        _reg("a/../../x"), _reg("."), _reg(""), _reg("a/.wh.."),
+    ]))
+
+
+@seed("image_unpack", "replace_dirs")
+def _():
+    lower = tar_layer([
+        _dir("p"), _dir("p/d"), _sym("p/d/rel", "../../../../locald-fuzz-unpack-canary"),
+        _sym("p/d/abs", CANARY), _reg("p/f"), _dir("q"), _sym("q/abs", CANARY),
+    ])
+    upper = tar_layer([
+        _reg("p/d", b"file"), _dir("p/f"), _reg("p/f/x"),
+        _reg("q/.wh..wh..opq", b""), _dir("q"),
+    ])
+    return unpack_seed(0, lower, upper)
+
+
 def main():
     for (target, name), fn in sorted(SEEDS.items()):
         d = os.path.join(HERE, "seeds", target)
