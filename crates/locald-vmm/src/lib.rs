@@ -24,6 +24,7 @@ pub mod cpio;
 pub mod devices;
 pub mod error;
 pub mod hostdir;
+pub mod hybrid;
 pub mod instance;
 #[cfg(target_os = "linux")]
 pub mod kvm;

@@ -34,11 +34,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::agent::host_port_path;
+use crate::hybrid::{parse_connect_line, MAX_CONNECT_LINE};
 
 const WHO: &str = "vz vsock bridge";
-
-/// Longest CONNECT line accepted, newline included (as the KVM muxer).
-pub const MAX_CONNECT_LINE: usize = 32;
 
 /// Stack of the bridge's threads: they only copy through a heap buffer.
 const THREAD_STACK: usize = 256 * 1024;
@@ -82,26 +80,6 @@ impl Default for BridgeLimits {
             buf_size: 64 * 1024,
         }
     }
-}
-
-/// Parses `CONNECT <port>\n`: the same grammar as the KVM muxer's
-/// (case-insensitive command, any ASCII whitespace between words, a `\r`
-/// before the newline, a decimal port that fits in 32 bits).
-pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
-    let line = line.strip_suffix(b"\n")?;
-    if line.len() >= MAX_CONNECT_LINE {
-        return None;
-    }
-    let text = std::str::from_utf8(line).ok()?;
-    let mut words = text.split_ascii_whitespace();
-    if !words.next()?.eq_ignore_ascii_case("connect") {
-        return None;
-    }
-    let port = words.next()?;
-    if words.next().is_some() || !port.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    port.parse().ok()
 }
 
 /// Reads a CONNECT line byte by byte (so nothing after it is consumed).
@@ -597,32 +575,6 @@ mod tests {
         assert!(read_eof(&mut c).is_empty());
         assert_eq!(s.guest.dials.load(Ordering::SeqCst), 0);
         wait_until("pending clients to go", || s.bridge.pending_clients() == 0);
-    }
-
-    #[test]
-    fn parses_like_the_muxer() {
-        assert_eq!(parse_connect_line(b"CONNECT 52\n"), Some(52));
-        assert_eq!(
-            parse_connect_line(b"Connect   4294967295 \r\n"),
-            Some(u32::MAX)
-        );
-        for bad in [
-            &b"CONNECT 52"[..],
-            b"\n",
-            b"CONNECT\n",
-            b"CONNECT -1\n",
-            b"CONNECT +1\n",
-            b"CONNECT 4294967296\n",
-            b"LISTEN 52\n",
-            b"CONNECT52\n",
-            b"CONNECT \xff\n",
-        ] {
-            assert_eq!(parse_connect_line(bad), None, "{bad:?}");
-        }
-        let mut long = b"CONNECT".to_vec();
-        long.extend_from_slice(&[b' '; 23]);
-        long.extend_from_slice(b"52\n");
-        assert_eq!(parse_connect_line(&long), None);
     }
 
     #[test]

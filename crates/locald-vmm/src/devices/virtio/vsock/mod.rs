@@ -20,7 +20,8 @@
 //!   state machine and flow control, [`connect`] the CONNECT line,
 //!   [`muxer`] the routing and host sockets.
 
-pub mod connect;
+/// The CONNECT-line handshake (shared with the VZ bridge: [`crate::hybrid`]).
+pub use crate::hybrid as connect;
 pub mod connection;
 pub mod muxer;
 pub mod packet;

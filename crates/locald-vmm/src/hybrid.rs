@@ -1,8 +1,10 @@
-//! The host side of the hybrid vsock protocol's handshake: a client that
-//! connects to the device's Unix socket first writes `CONNECT <port>\n`.
-//! [`ConnectLine`] accumulates that line byte by byte (so not one byte of
-//! the data that may follow it is consumed) and parses it. Pure logic,
-//! used by the muxer on the device's worker thread.
+//! The server side of the hybrid vsock protocol's handshake (Firecracker's
+//! convention): a client that connects to a VM's vsock Unix socket first
+//! writes `CONNECT <port>\n`. [`ConnectLine`] accumulates that line byte by
+//! byte (so not one byte of the data that may follow it is consumed) and
+//! parses it. Pure logic, shared by the KVM vsock muxer (on its worker
+//! thread) and the Virtualization.framework vsock bridge (on its client
+//! threads).
 
 /// Longest CONNECT line we accept, newline included.
 pub const MAX_CONNECT_LINE: usize = 32;
