@@ -62,7 +62,12 @@ fn install_init(dest: &Path, bytes: &[u8]) {
 /// The aarch64 init, or an empty file plus the reason (see the module docs).
 fn aarch64_init(root: &Path, out_dir: &Path) {
     println!("cargo:rerun-if-env-changed=LOCALD_VMM_GUEST_INIT_AARCH64");
-    println!("cargo:rerun-if-changed={AARCH64_LIBC_A}");
+    // Only when present: a missing path would rerun this script on every
+    // build. Installing the toolchain later therefore needs
+    // `cargo clean -p locald-vmm` (the message says so).
+    if Path::new(AARCH64_LIBC_A).is_file() {
+        println!("cargo:rerun-if-changed={AARCH64_LIBC_A}");
+    }
     let dest = out_dir.join("locald-init-aarch64");
     let why_path = out_dir.join("locald-init-aarch64.missing");
     let mut why = String::new();
@@ -95,8 +100,8 @@ fn aarch64_init(root: &Path, out_dir: &Path) {
                 build_init(root, out_dir, INIT_TARGET_AARCH64, Some(AARCH64_LINKER))
             } else {
                 why = format!(
-                    "building it needs {}; install them (scripts/setup-host.sh does) and rebuild, \
-                     or set LOCALD_VMM_GUEST_INIT_AARCH64 to a prebuilt static aarch64 locald-init \
+                    "building it needs {}; install them (scripts/setup-host.sh does) and rebuild \
+                     after `cargo clean -p locald-vmm`, or set LOCALD_VMM_GUEST_INIT_AARCH64 to a prebuilt static aarch64 locald-init \
                      at build time",
                     missing.join(", ")
                 );
