@@ -45,6 +45,8 @@ cargo build --workspace --release
 # Build the default guest kernel (~6 min on 2 cores, once per machine) and
 # initramfs before the tests, with visible progress.
 "${CARGO_TARGET_DIR:-target}/release/locald-vmm" prepare
+# The arm64 default guest (~9 min once; crates/locald-vmm/tests/linux_aarch64.rs).
+"${CARGO_TARGET_DIR:-target}/release/locald-vmm" prepare --arch aarch64
 # Real-Linux boots are CPU-bound on a 2-core host: the CLI crate's tests
 # (which hold the real-Linux tier) run one at a time. The output is also
 # kept, to count the tests that ran.

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Build locald-vmm's default guest kernel.
 #
-#   guest/kernel/build-kernel.sh OUT_DIR
+#   guest/kernel/build-kernel.sh [--arch x86_64|aarch64] OUT_DIR
 #
-# Debian's linux-source-6.1 + patches/*.patch + `make tinyconfig` +
-# microvm.config  ->  OUT_DIR/{vmlinux,System.map,.config,build-info}
+# x86_64 (the default):
+#   Debian's linux-source-6.1 + patches/*.patch + `make tinyconfig` +
+#   microvm.config  ->  OUT_DIR/{vmlinux,System.map,.config,build-info}
+# aarch64 (cross-built with Debian's gcc-aarch64-linux-gnu on an x86_64 host,
+# natively on an arm64 host):
+#   the same source + the patches that are not x86-only (no `-x86-` in the
+#   name) + `make ARCH=arm64 tinyconfig` + microvm-aarch64.config
+#   ->  OUT_DIR/{Image,System.map,.config,build-info}
 #
 # Everything else lives under ${LOCALD_VMM_CACHE:-$HOME/.cache/locald-vmm}:
 #   downloads/linux-source-6.1_*.deb   the Debian source package (reused)
-#   build/linux-<key>/                 patched tree + build log, one per key
-# <key> is printed by hash.sh (sha256 over this script, microvm.config and
-# the patches). Safe to rerun: finished steps are skipped, the kernel build
+#   build/linux-<key>/                 x86_64: patched tree + build log, one per key
+#   build/linux-aarch64-<key>/         the same for aarch64
+# <key> is printed by `hash.sh [ARCH]` (sha256 over this script, the arch's
+# config fragment and the arch's patches). Safe to rerun: finished steps are skipped, the kernel build
 # is incremental, OUT_DIR is replaced only after everything succeeded.
 #
 # Environment:
@@ -22,14 +29,47 @@ die() { printf 'build-kernel: error: %s\n' "$*" >&2; exit 1; }
 stage() { printf 'build-kernel: [%s] %s\n' "$1" "$2"; }
 info() { printf 'build-kernel:       %s\n' "$*"; }
 
-[[ $# -eq 1 && -n $1 ]] || die "usage: $0 OUT_DIR"
+ARCH_NAME=x86_64
+if [[ ${1:-} == --arch ]]; then
+    [[ $# -ge 2 ]] || die "usage: $0 [--arch x86_64|aarch64] OUT_DIR"
+    ARCH_NAME=$2
+    shift 2
+fi
+[[ $# -eq 1 && -n $1 ]] || die "usage: $0 [--arch x86_64|aarch64] OUT_DIR"
 OUT_DIR=$1
 OUT_DIR=${OUT_DIR%/}
 [[ -n $OUT_DIR ]] || die "OUT_DIR must not be /"
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-FRAGMENT=$HERE/microvm.config
 PATCH_DIR=$HERE/patches
+HOST_ARCH=$(uname -m)
+case $ARCH_NAME in
+    x86_64)
+        FRAGMENT=$HERE/microvm.config
+        KARCH=x86_64 CROSS='' TARGET=vmlinux IMAGE=vmlinux WORK_PREFIX=linux-
+        [[ $HOST_ARCH == x86_64 ]] || die "the x86_64 kernel must be built on an x86_64 host (got $HOST_ARCH)"
+        ;;
+    aarch64)
+        FRAGMENT=$HERE/microvm-aarch64.config
+        KARCH=arm64 TARGET=Image IMAGE=arch/arm64/boot/Image WORK_PREFIX=linux-aarch64-
+        case $HOST_ARCH in
+            x86_64) CROSS=aarch64-linux-gnu- ;;
+            aarch64) CROSS='' ;;
+            *) die "the aarch64 kernel is built on an x86_64 (cross) or aarch64 host (got $HOST_ARCH)" ;;
+        esac
+        ;;
+    *) die "unknown --arch '$ARCH_NAME' (x86_64 or aarch64)" ;;
+esac
+# The patches this arch gets: all of them for x86_64; for aarch64 those
+# without `-x86-` in the name (the others change only arch/x86 files).
+arch_patches() {
+    local p
+    shopt -s nullglob
+    for p in "$PATCH_DIR"/*.patch; do
+        [[ $ARCH_NAME == x86_64 || $(basename "$p") != *-x86-* ]] && printf '%s\n' "$p"
+    done
+    shopt -u nullglob
+}
 SOURCE_PKG=linux-source-6.1
 CACHE=${LOCALD_VMM_CACHE:-$HOME/.cache/locald-vmm}
 DOWNLOADS=$CACHE/downloads
@@ -41,7 +81,6 @@ export KBUILD_BUILD_USER=locald-vmm KBUILD_BUILD_HOST=locald-vmm
 unset MAKEFLAGS MFLAGS MAKELEVEL || true
 
 START=$SECONDS
-[[ $(uname -m) == x86_64 ]] || die "must run on an x86_64 host (got $(uname -m))"
 [[ -f $FRAGMENT ]] || die "missing $FRAGMENT"
 
 # ---------------------------------------------------------------------------
@@ -54,6 +93,7 @@ declare -A DEPS=(
     [patch]=patch [perl]=perl [dpkg]=dpkg-deb [apt]=apt-get
     [coreutils]=sha256sum [util-linux]=flock
 )
+[[ -n $CROSS ]] && DEPS[gcc-aarch64-linux-gnu]=${CROSS}gcc
 missing=()
 for pkg in "${!DEPS[@]}"; do
     want=${DEPS[$pkg]}
@@ -76,8 +116,8 @@ if ((${#missing[@]})); then
     fi
 fi
 
-KEY=$("$HERE/hash.sh")
-WORK=$CACHE/build/linux-$KEY
+KEY=$("$HERE/hash.sh" "$ARCH_NAME")
+WORK=$CACHE/build/$WORK_PREFIX$KEY
 mkdir -p "$DOWNLOADS" "$CACHE/build"
 
 # One build per key at a time; a second invocation waits for the first.
@@ -148,9 +188,7 @@ else
     rm -rf "$tmp"
 
     stage 4/7 "applying patches"
-    shopt -s nullglob
-    patches=("$PATCH_DIR"/*.patch)
-    shopt -u nullglob
+    mapfile -t patches < <(arch_patches)
     for p in "${patches[@]}"; do
         name=$(basename "$p")
         if ! out=$(patch -d "$SRC" -p1 --batch --forward --fuzz=0 --dry-run <"$p" 2>&1); then
@@ -165,10 +203,10 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-stage 5/7 "configuring: tinyconfig + $(basename "$FRAGMENT")"
+stage 5/7 "configuring: ARCH=$KARCH tinyconfig + $(basename "$FRAGMENT")"
 LOG=$WORK/build.log
 : >"$LOG"
-kmake() { make -C "$SRC" ARCH=x86_64 "$@"; }
+kmake() { make -C "$SRC" ARCH="$KARCH" ${CROSS:+CROSS_COMPILE=$CROSS} "$@"; }
 fail_log() {
     printf '\nbuild-kernel: last lines of %s:\n' "$LOG" >&2
     tail -n 60 "$LOG" >&2
@@ -221,9 +259,9 @@ fi
 info "all $(grep -cE '^(CONFIG_|# CONFIG_.* is not set)' "$FRAGMENT") fragment lines verified in .config"
 
 # ---------------------------------------------------------------------------
-stage 6/7 "building vmlinux (make -j$JOBS; log: $LOG)"
+stage 6/7 "building $TARGET (make -j$JOBS; log: $LOG)"
 build_start=$SECONDS
-kmake -j"$JOBS" vmlinux >>"$LOG" 2>&1 &
+kmake -j"$JOBS" "$TARGET" >>"$LOG" 2>&1 &
 make_pid=$!
 # Do not leave make running if we are interrupted.
 trap 'kill "$make_pid" 2>/dev/null || true' INT TERM EXIT
@@ -239,18 +277,24 @@ done
 make_rc=0
 wait "$make_pid" || make_rc=$?
 trap - INT TERM EXIT
-((make_rc == 0)) || fail_log "make vmlinux failed (exit $make_rc)"
-info "vmlinux built in $((SECONDS - build_start)) s ($(grep -cE '^  (CC|AS)  ' "$LOG" || true) objects compiled this run)"
+((make_rc == 0)) || fail_log "make $TARGET failed (exit $make_rc)"
+info "$TARGET built in $((SECONDS - build_start)) s ($(grep -cE '^  (CC|AS)  ' "$LOG" || true) objects compiled this run)"
 
-VMLINUX=$SRC/vmlinux
-[[ -f $VMLINUX && -f $SRC/System.map ]] || fail_log "vmlinux or System.map missing after build"
-# Must be an ELF with the PVH entry note: owner "Xen", type 0x12
-# (XEN_ELFNOTE_PHYS32_ENTRY).
-notes=$(readelf -n "$VMLINUX" 2>/dev/null || true)
-if ! grep -Eq '^[[:space:]]*Xen[[:space:]].*(0x00000012|PHYS32_ENTRY)' <<<"$notes"; then
-    die "$VMLINUX has no PVH entry note (Xen, type 0x12 / XEN_ELFNOTE_PHYS32_ENTRY); is CONFIG_PVH=y?"
+BUILT=$SRC/$IMAGE
+[[ -f $BUILT && -f $SRC/System.map ]] || fail_log "$IMAGE or System.map missing after build"
+if [[ $ARCH_NAME == x86_64 ]]; then
+    # Must be an ELF with the PVH entry note: owner "Xen", type 0x12
+    # (XEN_ELFNOTE_PHYS32_ENTRY).
+    notes=$(readelf -n "$BUILT" 2>/dev/null || true)
+    if ! grep -Eq '^[[:space:]]*Xen[[:space:]].*(0x00000012|PHYS32_ENTRY)' <<<"$notes"; then
+        die "$BUILT has no PVH entry note (Xen, type 0x12 / XEN_ELFNOTE_PHYS32_ENTRY); is CONFIG_PVH=y?"
+    fi
+else
+    # The arm64 boot protocol: magic "ARM\x64" at offset 56 of the Image header.
+    magic=$(od -An -c -j56 -N4 "$BUILT" | tr -d ' ')
+    [[ $magic == 'ARMd' ]] || die "$BUILT has no arm64 Image header magic at offset 56 (got '$magic')"
 fi
-RELEASE=$(make -s --no-print-directory -C "$SRC" ARCH=x86_64 kernelrelease 2>/dev/null || echo unknown)
+RELEASE=$(kmake -s --no-print-directory kernelrelease 2>/dev/null || echo unknown)
 
 # ---------------------------------------------------------------------------
 stage 7/7 "installing into $OUT_DIR"
@@ -258,16 +302,17 @@ mkdir -p "$(dirname "$OUT_DIR")"
 TMP_OUT=$OUT_DIR.tmp
 rm -rf "$TMP_OUT"
 mkdir "$TMP_OUT"
-cp "$VMLINUX" "$TMP_OUT/vmlinux"
+cp "$BUILT" "$TMP_OUT/$TARGET"
 cp "$SRC/System.map" "$TMP_OUT/System.map"
 cp "$SRC/.config" "$TMP_OUT/.config"
 cat >"$TMP_OUT/build-info" <<EOF
 cache_key=$KEY
+arch=$ARCH_NAME
 kernel_release=$RELEASE
 source_package=$SOURCE_PKG $DEB_VERSION
-patches=$(cd "$PATCH_DIR" 2>/dev/null && ls -1 -- *.patch 2>/dev/null | tr '\n' ' ' | sed 's/ $//')
+patches=$(arch_patches | xargs -r -n1 basename | tr '\n' ' ' | sed 's/ $//')
 EOF
-sync -f "$TMP_OUT/vmlinux" 2>/dev/null || true
+sync -f "$TMP_OUT/$TARGET" 2>/dev/null || true
 if [[ -e $OUT_DIR ]]; then
     rm -rf "$OUT_DIR.old"
     mv -T "$OUT_DIR" "$OUT_DIR.old"
@@ -275,8 +320,10 @@ fi
 mv -T "$TMP_OUT" "$OUT_DIR"
 rm -rf "$OUT_DIR.old"
 
-# Drop work trees of other keys (~1.5 GB each) unless another build holds them.
-for d in "$CACHE"/build/linux-*; do
+# Drop work trees of other keys of this arch (~1.5 GB each) unless another
+# build holds them. x86_64 trees are linux-<16 hex>, aarch64 ones
+# linux-aarch64-<16 hex>.
+for d in "$CACHE"/build/"$WORK_PREFIX"????????????????; do
     [[ -d $d && $d != "$WORK" ]] || continue
     (
         exec 8>"$d.lock"
@@ -286,5 +333,5 @@ for d in "$CACHE"/build/linux-*; do
     ) || true
 done
 
-size=$(stat -c %s "$OUT_DIR/vmlinux")
-stage done "$OUT_DIR/vmlinux ($RELEASE, $((size / 1024)) KiB, key $KEY) in $((SECONDS - START)) s"
+size=$(stat -c %s "$OUT_DIR/$TARGET")
+stage done "$OUT_DIR/$TARGET ($RELEASE, $((size / 1024)) KiB, key $KEY) in $((SECONDS - START)) s"

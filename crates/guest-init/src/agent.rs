@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 
 use locald_agent_proto::{Frame, AGENT_PORT, READY_LINE, READY_PORT};
 
-use crate::port::EXIT_PORT;
 use crate::session::{self, Context};
 use crate::spawn::{self, Event};
 use crate::spec::Spec;
@@ -102,10 +101,9 @@ pub fn run(spec: &Spec) -> Ending {
 
 /// Body of the listener process; never returns.
 fn listener_main(ctx: &Context) -> ! {
-    // SAFETY: ioperm only changes this process' I/O permission bitmap;
-    // sigprocmask gets an initialised empty set.
+    crate::port::drop_access();
+    // SAFETY: sigprocmask gets an initialised empty set.
     unsafe {
-        libc::ioperm(EXIT_PORT.into(), 2, 0);
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());

@@ -95,6 +95,8 @@ pub fn reexec_init_if_needed() {
 /// True when user mode can hold AVX state (CPUID.1:ECX OSXSAVE and AVX set,
 /// XCR0 with the SSE and AVX bits) but the kernel, by its `/proc/cpuinfo`
 /// `flags` line (`kernel_flags`), does not use XSAVE to preserve it.
+/// (x86 only; pure, so it is built and tested everywhere.)
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub fn unmanaged(cpuid1_ecx: u32, xcr0: u64, kernel_flags: &str) -> bool {
     const OSXSAVE: u32 = 1 << 27;
     const AVX: u32 = 1 << 28;

@@ -8,13 +8,24 @@
 //! (temporary name + `rename`); the kernel build, which takes minutes, runs
 //! under an exclusive lock file so concurrent processes build it once.
 //!
+//! Every asset exists per guest architecture ([`GuestArch`]): the
+//! `*_for(arch)` functions take it, the older ones without the suffix are
+//! the x86_64 guest.
+//!
 //! Cache layout:
-//! - `kernel-<key>/{vmlinux,System.map,.config}` with `<key>` = first 16 hex
-//!   digits of sha256(build-kernel.sh ‖ microvm.config ‖ patches/*.patch
-//!   sorted by name); `kernel-<key>.lock` next to it;
+//! - x86_64: `kernel-<key>/{vmlinux,System.map,.config}` with `<key>` = first
+//!   16 hex digits of sha256(build-kernel.sh ‖ microvm.config ‖
+//!   patches/*.patch sorted by name); `kernel-<key>.lock` next to it;
+//! - aarch64: `kernel-aarch64-<key>/{Image,System.map,.config}` with `<key>`
+//!   over build-kernel.sh ‖ microvm-aarch64.config ‖ the patches without
+//!   `-x86-` in their name; `kernel-aarch64-<key>.lock` next to it (see
+//!   [`kernel_key_for`]);
 //! - `initramfs-<hash>.cpio` (uncompressed newc), `<hash>` over the init and
-//!   busybox bytes (see [`initramfs_hash`]);
-//! - `busybox-<debian-version>/busybox` when the host has no static busybox.
+//!   busybox bytes (see [`initramfs_hash`]; the two arches' inits differ, so
+//!   their hashes do);
+//! - `busybox-<debian-version>/busybox` when the host has no static x86-64
+//!   busybox, `busybox-aarch64-<debian-version>/busybox` for the arm64 guest
+//!   (Debian's `busybox-static:arm64`).
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -28,6 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::config::GuestArch;
 use crate::cpio::{CpioBuilder, CpioError};
 
 mod command;
@@ -39,6 +51,15 @@ include!(concat!(env!("OUT_DIR"), "/kernel_inputs.rs"));
 
 /// The guest init (`crates/guest-init`), statically linked, built by build.rs.
 static INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/locald-init"));
+
+/// The aarch64 guest init, cross-built by build.rs (or copied from
+/// `LOCALD_VMM_GUEST_INIT_AARCH64`); empty when neither was possible.
+static INIT_BINARY_AARCH64: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/locald-init-aarch64"));
+
+/// Why build.rs embedded no aarch64 init (empty when it did).
+static INIT_AARCH64_MISSING: &str =
+    include_str!(concat!(env!("OUT_DIR"), "/locald-init-aarch64.missing"));
 
 /// Host path checked first for a usable static busybox.
 pub const HOST_BUSYBOX: &str = "/bin/busybox";
@@ -98,9 +119,12 @@ pub enum AssetError {
         /// Tail of its stderr, if captured.
         stderr: String,
     },
-    /// A binary that must be static is not a static x86-64 ELF.
-    #[error("{} is not a statically linked x86-64 ELF executable: {reason}", path.display())]
+    /// A binary that must be static is not a static ELF of the guest's
+    /// architecture.
+    #[error("{} is not a statically linked {arch} ELF executable: {reason}", path.display())]
     NotStatic {
+        /// The architecture it had to be for.
+        arch: GuestArch,
         /// The file.
         path: PathBuf,
         /// Why it was rejected.
@@ -125,6 +149,14 @@ pub enum AssetError {
     /// The cache directory could be controlled by another user.
     #[error("asset cache: {0}")]
     Untrusted(#[from] crate::hostdir::HostDirError),
+    /// This build of locald-vmm embeds no guest init for `arch`.
+    #[error("no {arch} guest init is embedded in this locald-vmm build: {why}")]
+    NoGuestInit {
+        /// The guest architecture asked for.
+        arch: GuestArch,
+        /// What build.rs found missing and what to install or set.
+        why: String,
+    },
     /// An archive entry was rejected.
     #[error("building {archive}: {source}")]
     Cpio {
@@ -146,6 +178,21 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 /// The embedded guest init binary (static x86-64 ELF).
 pub fn init_binary() -> &'static [u8] {
     INIT_BINARY
+}
+
+/// The embedded guest init for `arch` (a static ELF for that machine), or
+/// [`AssetError::NoGuestInit`] saying what to install when this build has
+/// none (the aarch64 init needs the cross toolchain at build time, or
+/// `LOCALD_VMM_GUEST_INIT_AARCH64`; see docs/guest-init.md).
+pub fn init_binary_for(arch: GuestArch) -> Result<&'static [u8], AssetError> {
+    match arch {
+        GuestArch::X86_64 => Ok(INIT_BINARY),
+        GuestArch::Aarch64 if !INIT_BINARY_AARCH64.is_empty() => Ok(INIT_BINARY_AARCH64),
+        GuestArch::Aarch64 => Err(AssetError::NoGuestInit {
+            arch,
+            why: INIT_AARCH64_MISSING.trim().to_owned(),
+        }),
+    }
 }
 
 /// The embedded kernel build inputs: `(relative name, contents)`.
@@ -248,9 +295,23 @@ fn write_atomic(dest: &Path, data: &[u8], mode: u32) -> Result<(), AssetError> {
     res
 }
 
+/// ELF `e_machine` of a guest architecture (`EM_X86_64` = 62,
+/// `EM_AARCH64` = 183).
+pub const fn elf_machine(arch: GuestArch) -> u16 {
+    match arch {
+        GuestArch::X86_64 => 62,
+        GuestArch::Aarch64 => 183,
+    }
+}
+
 /// Checks that `b` is a 64-bit little-endian x86-64 ELF executable without a
 /// `PT_INTERP` program header (no dynamic loader needed). Returns why not.
 pub fn check_static_elf(b: &[u8]) -> Result<(), String> {
+    check_static_elf_for(GuestArch::X86_64, b)
+}
+
+/// [`check_static_elf`] for the machine of `arch` (x86-64 or AArch64).
+pub fn check_static_elf_for(arch: GuestArch, b: &[u8]) -> Result<(), String> {
     if b.len() < 64 || &b[..4] != b"\x7fELF" {
         return Err("not an ELF file".into());
     }
@@ -258,8 +319,12 @@ pub fn check_static_elf(b: &[u8]) -> Result<(), String> {
         return Err("not a 64-bit little-endian ELF".into());
     }
     let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-    if u16_at(18) != 62 {
-        return Err("not x86-64".into());
+    let machine = u16_at(18);
+    if machine != elf_machine(arch) {
+        return Err(format!(
+            "ELF machine {machine} is not {arch} ({})",
+            elf_machine(arch)
+        ));
     }
     let e_type = u16_at(16);
     if e_type != 2 && e_type != 3 {
@@ -281,9 +346,10 @@ pub fn check_static_elf(b: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn read_static_elf(path: &Path) -> Result<Vec<u8>, AssetError> {
+fn read_static_elf(arch: GuestArch, path: &Path) -> Result<Vec<u8>, AssetError> {
     let bytes = fs::read(path).map_err(io_err("reading", path))?;
-    check_static_elf(&bytes).map_err(|reason| AssetError::NotStatic {
+    check_static_elf_for(arch, &bytes).map_err(|reason| AssetError::NotStatic {
+        arch,
         path: path.to_owned(),
         reason,
     })?;
@@ -338,21 +404,67 @@ fn run_captured(cmd: &mut Command, hint: &'static str) -> Result<Vec<u8>, AssetE
 /// Paths of the default guest kernel in the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DefaultKernel {
-    /// Uncompressed ELF kernel (PVH entry).
+    /// The kernel to boot. x86_64: the uncompressed ELF `vmlinux` (PVH
+    /// entry). aarch64: the uncompressed arm64 `Image` (the format
+    /// VZLinuxBootLoader and `qemu -kernel` take); the field keeps its
+    /// historical name.
     pub vmlinux: PathBuf,
     /// Its symbol map (for RIP sampling / diagnostics).
     pub system_map: PathBuf,
 }
 
+/// Config fragment of `arch` among the kernel inputs.
+pub const fn kernel_fragment(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => "microvm.config",
+        GuestArch::Aarch64 => "microvm-aarch64.config",
+    }
+}
+
+/// File name of the bootable kernel in a kernel cache directory.
+pub const fn kernel_image_name(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => "vmlinux",
+        GuestArch::Aarch64 => "Image",
+    }
+}
+
+/// Whether `arch`'s kernel build applies patch `name` (`patches/….patch`):
+/// x86_64 applies all, aarch64 those without `-x86-` in the name (the others
+/// change only `arch/x86`). The rule of `build-kernel.sh` and `hash.sh`.
+pub fn kernel_patch_applies(arch: GuestArch, name: &str) -> bool {
+    name.starts_with("patches/")
+        && name.ends_with(".patch")
+        && (arch == GuestArch::X86_64 || !name.contains("-x86-"))
+}
+
+/// Name of `arch`'s kernel cache directory for `key` (`kernel-<key>` for
+/// x86_64, `kernel-aarch64-<key>`); the lock file adds `.lock`.
+pub fn kernel_dir_name(arch: GuestArch, key: &str) -> String {
+    match arch {
+        GuestArch::X86_64 => format!("kernel-{key}"),
+        GuestArch::Aarch64 => format!("kernel-aarch64-{key}"),
+    }
+}
+
 /// Cache key of a set of kernel build inputs: first 16 hex digits of the
 /// sha256 of `build-kernel.sh`, `microvm.config`, then the `patches/*.patch`
 /// sorted by name, concatenated (the rule of `guest/kernel/hash.sh`). Other
-/// inputs (helper scripts) are not hashed.
+/// inputs (helper scripts) are not hashed. The x86_64 key; see
+/// [`kernel_key_for`].
 pub fn kernel_key(inputs: &[(&str, &[u8])]) -> String {
+    kernel_key_for(GuestArch::X86_64, inputs)
+}
+
+/// [`kernel_key`] of `arch`: over `build-kernel.sh`, the arch's fragment
+/// ([`kernel_fragment`]) and the patches it applies
+/// ([`kernel_patch_applies`]); `hash.sh ARCH` prints the same.
+pub fn kernel_key_for(arch: GuestArch, inputs: &[(&str, &[u8])]) -> String {
+    let fragment = kernel_fragment(arch);
     let rank = |name: &str| match name {
         "build-kernel.sh" => Some(0),
-        "microvm.config" => Some(1),
-        n if n.starts_with("patches/") && n.ends_with(".patch") => Some(2),
+        n if n == fragment => Some(1),
+        n if kernel_patch_applies(arch, n) => Some(2),
         _ => None,
     };
     let mut hashed: Vec<(u8, &str, &[u8])> = inputs
@@ -372,16 +484,31 @@ pub fn default_kernel_key() -> String {
     kernel_key(KERNEL_INPUTS)
 }
 
-/// Returns the default guest kernel, building it on first use (several
-/// minutes; the build script's output is shown on stderr). See the module
-/// docs for the cache layout.
-pub fn default_kernel() -> Result<DefaultKernel, AssetError> {
-    kernel_in(&trusted_cache_dir()?, KERNEL_INPUTS)
+/// Cache key of the embedded kernel inputs for `arch` (names
+/// [`kernel_dir_name`]).
+pub fn default_kernel_key_for(arch: GuestArch) -> String {
+    kernel_key_for(arch, KERNEL_INPUTS)
 }
 
-fn kernel_paths(dir: &Path) -> DefaultKernel {
+/// Returns the default x86_64 guest kernel, building it on first use
+/// (several minutes; the build script's output is shown on stderr). See
+/// the module docs for the cache layout.
+pub fn default_kernel() -> Result<DefaultKernel, AssetError> {
+    default_kernel_for(GuestArch::X86_64)
+}
+
+/// Returns the default guest kernel of `arch`, building it on first use
+/// (the aarch64 one is cross-built with Debian's `gcc-aarch64-linux-gnu`,
+/// which the build script installs when run as root; ~10 min on 2 cores).
+/// Builds of the same key are serialised by a lock file, so concurrent
+/// processes build it once.
+pub fn default_kernel_for(arch: GuestArch) -> Result<DefaultKernel, AssetError> {
+    kernel_in_for(&trusted_cache_dir()?, arch, KERNEL_INPUTS)
+}
+
+fn kernel_paths(arch: GuestArch, dir: &Path) -> DefaultKernel {
     DefaultKernel {
-        vmlinux: dir.join("vmlinux"),
+        vmlinux: dir.join(kernel_image_name(arch)),
         system_map: dir.join("System.map"),
     }
 }
@@ -391,15 +518,28 @@ fn kernel_complete(k: &DefaultKernel) -> bool {
 }
 
 /// [`default_kernel`] for an explicit cache directory and input set.
+#[cfg(test)]
 fn kernel_in(cache: &Path, inputs: &[(&str, &[u8])]) -> Result<DefaultKernel, AssetError> {
-    let key = kernel_key(inputs);
-    let dir = cache.join(format!("kernel-{key}"));
-    let kernel = kernel_paths(&dir);
+    kernel_in_for(cache, GuestArch::X86_64, inputs)
+}
+
+/// [`default_kernel_for`] for an explicit cache directory and input set.
+/// The script is run as `build-kernel.sh OUT_DIR` for x86_64 (as before
+/// arches existed) and `build-kernel.sh --arch aarch64 OUT_DIR`.
+fn kernel_in_for(
+    cache: &Path,
+    arch: GuestArch,
+    inputs: &[(&str, &[u8])],
+) -> Result<DefaultKernel, AssetError> {
+    let key = kernel_key_for(arch, inputs);
+    let dir_name = kernel_dir_name(arch, &key);
+    let dir = cache.join(&dir_name);
+    let kernel = kernel_paths(arch, &dir);
     if kernel_complete(&kernel) {
         return Ok(kernel);
     }
     create_dir_all(cache)?;
-    let lock_path = cache.join(format!("kernel-{key}.lock"));
+    let lock_path = cache.join(format!("{dir_name}.lock"));
     let lock = File::options()
         .create(true)
         .truncate(false)
@@ -422,7 +562,7 @@ fn kernel_in(cache: &Path, inputs: &[(&str, &[u8])]) -> Result<DefaultKernel, As
         return Ok(kernel);
     }
 
-    let work = TempDir::new_in(cache, &format!("kernel-{key}-inputs"))?;
+    let work = TempDir::new_in(cache, &format!("{dir_name}-inputs"))?;
     for (name, data) in inputs {
         let p = work.0.join(name);
         if let Some(parent) = p.parent() {
@@ -432,12 +572,15 @@ fn kernel_in(cache: &Path, inputs: &[(&str, &[u8])]) -> Result<DefaultKernel, As
         write_atomic(&p, data, mode)?;
     }
     eprintln!(
-        "locald-vmm: building the default guest kernel into {} (one time, takes minutes)",
+        "locald-vmm: building the default {arch} guest kernel into {} (one time, takes minutes)",
         dir.display()
     );
     let mut cmd = Command::new("bash");
-    cmd.arg("build-kernel.sh")
-        .arg(&dir)
+    cmd.arg("build-kernel.sh");
+    if arch != GuestArch::X86_64 {
+        cmd.args(["--arch", arch.name()]);
+    }
+    cmd.arg(&dir)
         .current_dir(&work.0)
         // The script keeps its downloads and work trees under the same root.
         .env("LOCALD_VMM_CACHE", cache)
@@ -475,25 +618,52 @@ fn kernel_in(cache: &Path, inputs: &[(&str, &[u8])]) -> Result<DefaultKernel, As
 /// Returns a static busybox: [`HOST_BUSYBOX`] if it is a static ELF, else a
 /// cached `busybox-<version>/busybox`, else Debian's `busybox-static`
 /// fetched with `apt-get download` + `dpkg -x` (needs `apt-get update` to
-/// have run once).
+/// have run once). The x86_64 guest's; see [`busybox_for`].
 pub fn busybox() -> Result<PathBuf, AssetError> {
-    busybox_in(&trusted_cache_dir()?, Path::new(HOST_BUSYBOX))
+    busybox_for(GuestArch::X86_64)
 }
 
-fn is_static_file(p: &Path) -> bool {
-    fs::read(p).is_ok_and(|b| check_static_elf(&b).is_ok())
+/// [`busybox`] for the guest architecture `arch`: [`HOST_BUSYBOX`] if it is
+/// a static ELF for that machine, else the cached copy, else Debian's
+/// `busybox-static` for that architecture (`busybox-static:arm64` for
+/// aarch64, which needs `dpkg --add-architecture arm64` and `apt-get
+/// update` once; `scripts/setup-host.sh` does both), cached in
+/// `busybox-aarch64-<version>/`.
+pub fn busybox_for(arch: GuestArch) -> Result<PathBuf, AssetError> {
+    busybox_in(&trusted_cache_dir()?, Path::new(HOST_BUSYBOX), arch)
 }
 
-fn busybox_in(cache: &Path, host: &Path) -> Result<PathBuf, AssetError> {
-    if is_static_file(host) {
+fn is_static_file(arch: GuestArch, p: &Path) -> bool {
+    fs::read(p).is_ok_and(|b| check_static_elf_for(arch, &b).is_ok())
+}
+
+/// Prefix of the cached busybox directories of `arch` (before the version).
+fn busybox_dir_prefix(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => "busybox-",
+        GuestArch::Aarch64 => "busybox-aarch64-",
+    }
+}
+
+/// Debian's architecture name (`dpkg --print-architecture`) of `arch`.
+pub const fn debian_arch(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => "amd64",
+        GuestArch::Aarch64 => "arm64",
+    }
+}
+
+fn busybox_in(cache: &Path, host: &Path, arch: GuestArch) -> Result<PathBuf, AssetError> {
+    if is_static_file(arch, host) {
         return Ok(host.to_owned());
     }
+    let prefix = busybox_dir_prefix(arch);
     if let Ok(rd) = fs::read_dir(cache) {
         let mut cached: Vec<PathBuf> = rd
             .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().starts_with("busybox-"))
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
             .map(|e| e.path().join("busybox"))
-            .filter(|p| is_static_file(p))
+            .filter(|p| is_static_file(arch, p))
             .collect();
         cached.sort();
         if let Some(p) = cached.pop() {
@@ -501,13 +671,28 @@ fn busybox_in(cache: &Path, host: &Path) -> Result<PathBuf, AssetError> {
         }
     }
 
+    // x86_64 keeps the plain package name (the host's architecture on the
+    // x86_64 hosts this has always run on).
+    let package = match arch {
+        GuestArch::X86_64 => "busybox-static".to_owned(),
+        _ => format!("busybox-static:{}", debian_arch(arch)),
+    };
     let work = TempDir::new_in(cache, "busybox")?;
-    run_captured(
-        Command::new("apt-get")
-            .args(["download", "busybox-static"])
-            .current_dir(&work.0),
-        "a Debian-based host with apt-get; run `apt-get update` first",
-    )?;
+    let hint = match arch {
+        GuestArch::X86_64 => "a Debian-based host with apt-get; run `apt-get update` first",
+        GuestArch::Aarch64 => {
+            "a Debian-based host with apt-get and the arm64 architecture: \
+             `dpkg --add-architecture arm64 && apt-get update` (scripts/setup-host.sh does it)"
+        }
+    };
+    let mut download = Command::new("apt-get");
+    download.args(["download", &package]).current_dir(&work.0);
+    // apt drops privileges to _apt, which cannot write into root's cache.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        download.args(["-o", "APT::Sandbox::User=root"]);
+    }
+    run_captured(&mut download, hint)?;
     let deb = fs::read_dir(&work.0)
         .map_err(io_err("listing", &work.0))?
         .filter_map(Result::ok)
@@ -515,7 +700,7 @@ fn busybox_in(cache: &Path, host: &Path) -> Result<PathBuf, AssetError> {
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
         .ok_or_else(|| AssetError::Missing {
             path: work.0.join("busybox-static_*.deb"),
-            step: "apt-get download busybox-static".into(),
+            step: format!("apt-get download {package}"),
         })?;
     let version = deb_version(&deb.file_name().unwrap_or_default().to_string_lossy());
     let root = work.0.join("root");
@@ -531,8 +716,8 @@ fn busybox_in(cache: &Path, host: &Path) -> Result<PathBuf, AssetError> {
             path: root.join("bin/busybox"),
             step: format!("dpkg -x {}", deb.display()),
         })?;
-    let bytes = read_static_elf(&found)?;
-    let dest_dir = cache.join(format!("busybox-{version}"));
+    let bytes = read_static_elf(arch, &found)?;
+    let dest_dir = cache.join(format!("{prefix}{version}"));
     create_dir_all(&dest_dir)?;
     let dest = dest_dir.join("busybox");
     write_atomic(&dest, &bytes, 0o755)?;
@@ -598,21 +783,87 @@ pub fn initramfs_hash(init: &[u8], busybox: &[u8]) -> String {
 /// directories, `/dev/console`, `/dev/null` and a
 /// minimal `/etc/passwd` and `/etc/group`.
 pub fn default_initramfs() -> Result<PathBuf, AssetError> {
+    default_initramfs_for(GuestArch::X86_64)
+}
+
+/// [`default_initramfs`] of the guest architecture `arch`: its embedded
+/// init ([`init_binary_for`]) and busybox ([`busybox_for`]). The applet
+/// list of a busybox this host cannot run (another architecture) is read
+/// from the binary itself ([`applets_from_binary`]).
+pub fn default_initramfs_for(arch: GuestArch) -> Result<PathBuf, AssetError> {
+    let init = init_binary_for(arch)?;
     let cache = trusted_cache_dir()?;
-    let bb = busybox_in(&cache, Path::new(HOST_BUSYBOX))?;
-    initramfs_in(&cache, INIT_BINARY, &bb)
+    let bb = busybox_in(&cache, Path::new(HOST_BUSYBOX), arch)?;
+    initramfs_in_for(&cache, arch, init, &bb)
 }
 
 /// [`default_initramfs`] for an explicit cache, init and busybox path.
+#[cfg(test)]
 fn initramfs_in(cache: &Path, init: &[u8], busybox: &Path) -> Result<PathBuf, AssetError> {
-    let bb = read_static_elf(busybox)?;
+    initramfs_in_for(cache, GuestArch::X86_64, init, busybox)
+}
+
+/// [`default_initramfs_for`] for an explicit cache, init and busybox path.
+fn initramfs_in_for(
+    cache: &Path,
+    arch: GuestArch,
+    init: &[u8],
+    busybox: &Path,
+) -> Result<PathBuf, AssetError> {
+    let bb = read_static_elf(arch, busybox)?;
     let path = cache.join(format!("initramfs-{}.cpio", initramfs_hash(init, &bb)));
     if path.is_file() {
         return Ok(path);
     }
-    let applets = applet_list(busybox)?;
+    let applets = if arch == GuestArch::host() {
+        applet_list(busybox)?
+    } else {
+        applets_from_binary(&bb).ok_or_else(|| AssetError::BadOutput {
+            command: format!("reading the applet names of {}", busybox.display()),
+            detail: "no busybox applet name table (\"[\\0[[\\0…\") found".into(),
+        })?
+    };
     write_initramfs(&path, init, &bb, &applets)?;
     Ok(path)
+}
+
+/// The applets of a busybox binary, read from its `applet_names` table (the
+/// NUL-separated, sorted names starting `"[\0[[\0"` and ending with an
+/// empty name), for a busybox this host cannot run. Returned as install
+/// paths like [`applet_list`]'s, which only the names matter of:
+/// [`CORE_APPLETS`] get their real path, every other name `bin/<name>`.
+/// `None` if the table is not found or does not contain `sh`.
+pub fn applets_from_binary(bin: &[u8]) -> Option<Vec<String>> {
+    const START: &[u8] = b"\0[\0[[\0";
+    let at = bin.windows(START.len()).position(|w| w == START)? + 1;
+    let mut names: Vec<&str> = Vec::new();
+    for raw in bin[at..].split(|&b| b == 0) {
+        if raw.is_empty() {
+            break;
+        }
+        let name = std::str::from_utf8(raw).ok()?;
+        let plausible = name.len() <= 64
+            && name.bytes().all(|c| c.is_ascii_graphic() && c != b'/')
+            && names.last().is_none_or(|prev| *prev < name);
+        if !plausible || names.len() >= 4096 {
+            return None;
+        }
+        names.push(name);
+    }
+    if !names.contains(&"sh") {
+        return None;
+    }
+    Some(
+        names
+            .iter()
+            .map(|n| {
+                CORE_APPLETS
+                    .iter()
+                    .find(|c| c.rsplit('/').next() == Some(*n))
+                    .map_or_else(|| format!("bin/{n}"), |c| (*c).to_owned())
+            })
+            .collect(),
+    )
 }
 
 fn write_initramfs(

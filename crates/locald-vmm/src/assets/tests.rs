@@ -89,7 +89,15 @@ fn embedded_kernel_inputs_match_files() {
     let mut sorted = patches.clone();
     sorted.sort();
     assert_eq!(patches, sorted);
-    assert!(names[2 + patches.len()..]
+    let rest = &names[2 + patches.len()..];
+    let fragments = rest
+        .iter()
+        .take_while(|n| n.starts_with("microvm-") && n.ends_with(".config"))
+        .count();
+    if std::env::var_os("LOCALD_VMM_KERNEL_DIR").is_none() {
+        assert!(rest[..fragments].contains(&"microvm-aarch64.config"));
+    }
+    assert!(rest[fragments..]
         .iter()
         .all(|n| n.ends_with(".sh") && !n.contains('/')));
     // Same key as sha256sum over the files on disk, concatenated in order.
@@ -162,6 +170,185 @@ fn kernel_build_failure_is_reported() {
     ];
     let err = kernel_in(&cache, inputs).unwrap_err();
     assert!(matches!(err, AssetError::Missing { .. }), "{err}");
+    fs::remove_dir_all(&cache).unwrap();
+}
+
+/// A minimal 64-bit little-endian ELF executable header for `machine`
+/// with the given program header types (no segments' contents).
+fn fake_elf(machine: u16, ph_types: &[u32]) -> Vec<u8> {
+    let mut b = vec![0u8; 64 + 56 * ph_types.len()];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // 64-bit
+    b[5] = 1; // little-endian
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&machine.to_le_bytes());
+    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    b[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    b[56..58].copy_from_slice(&(ph_types.len() as u16).to_le_bytes());
+    for (i, t) in ph_types.iter().enumerate() {
+        b[64 + 56 * i..68 + 56 * i].copy_from_slice(&t.to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn elf_machine_check_is_per_arch() {
+    let x86 = fake_elf(62, &[1]);
+    let arm = fake_elf(183, &[1]);
+    assert_eq!(check_static_elf_for(GuestArch::X86_64, &x86), Ok(()));
+    assert_eq!(check_static_elf_for(GuestArch::Aarch64, &arm), Ok(()));
+    assert_eq!(check_static_elf(&x86), Ok(()));
+    let err = check_static_elf_for(GuestArch::X86_64, &arm).unwrap_err();
+    assert!(err.contains("183") && err.contains("x86_64"), "{err}");
+    let err = check_static_elf_for(GuestArch::Aarch64, &x86).unwrap_err();
+    assert!(err.contains("62") && err.contains("aarch64"), "{err}");
+    assert!(check_static_elf(&arm).is_err());
+    // PT_INTERP (3) is rejected for either machine.
+    let dynamic = fake_elf(183, &[1, 3]);
+    assert!(check_static_elf_for(GuestArch::Aarch64, &dynamic)
+        .unwrap_err()
+        .contains("PT_INTERP"));
+    assert_eq!(elf_machine(GuestArch::X86_64), 62);
+    assert_eq!(elf_machine(GuestArch::Aarch64), 183);
+}
+
+#[test]
+fn embedded_inits_are_static_for_their_machine() {
+    assert_eq!(init_binary_for(GuestArch::X86_64).unwrap(), init_binary());
+    match init_binary_for(GuestArch::Aarch64) {
+        Ok(init) => assert_eq!(check_static_elf_for(GuestArch::Aarch64, init), Ok(())),
+        Err(e) => {
+            // A build without the cross toolchain: one clear message.
+            let msg = e.to_string();
+            assert!(msg.contains("aarch64") && msg.contains("install"), "{msg}");
+        }
+    }
+}
+
+#[test]
+fn applet_names_are_read_from_the_binary() {
+    let mut bin = b"junk\0[\0notsorted\0".to_vec();
+    assert_eq!(applets_from_binary(&bin), None, "no table");
+    bin.extend_from_slice(b"\x01\0[\0[[\0ash\0cat\0env\0sh\0true\0\0more junk");
+    let got = applets_from_binary(&bin).unwrap();
+    assert_eq!(
+        got,
+        [
+            "bin/[",
+            "bin/[[",
+            "bin/ash",
+            "bin/cat",
+            "usr/bin/env",
+            "bin/sh",
+            "bin/true"
+        ]
+    );
+    // Unsorted names or no `sh`: not a busybox table.
+    assert_eq!(applets_from_binary(b"\0[\0[[\0cat\0ash\0sh\0\0"), None);
+    assert_eq!(applets_from_binary(b"\0[\0[[\0cat\0\0"), None);
+    // The host's busybox: the same names as `busybox --list`.
+    let Ok(host) = fs::read(HOST_BUSYBOX) else {
+        return;
+    };
+    let Ok(out) = Command::new(HOST_BUSYBOX).arg("--list").output() else {
+        return;
+    };
+    let mut want: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    want.sort();
+    let mut got: Vec<String> = applets_from_binary(&host)
+        .expect("host busybox table")
+        .iter()
+        .map(|p| p.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    got.sort();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn kernel_keys_are_per_arch() {
+    let inputs: &[(&str, &[u8])] = &[
+        ("build-kernel.sh", b"script\n"),
+        ("microvm.config", b"x86\n"),
+        ("patches/0001-x86-a.patch", b"x86 patch\n"),
+        ("patches/0002-mm-b.patch", b"mm patch\n"),
+        ("microvm-aarch64.config", b"arm\n"),
+        ("hash.sh", b"helper\n"),
+    ];
+    let dir = temp_dir("key-arch");
+    assert_eq!(
+        kernel_key_for(GuestArch::X86_64, inputs),
+        sha256sum_prefix(b"script\nx86\nx86 patch\nmm patch\n", &dir)
+    );
+    assert_eq!(
+        kernel_key(inputs),
+        kernel_key_for(GuestArch::X86_64, inputs)
+    );
+    assert_eq!(
+        kernel_key_for(GuestArch::Aarch64, inputs),
+        sha256sum_prefix(b"script\narm\nmm patch\n", &dir)
+    );
+    assert_eq!(kernel_dir_name(GuestArch::X86_64, "k"), "kernel-k");
+    assert_eq!(kernel_dir_name(GuestArch::Aarch64, "k"), "kernel-aarch64-k");
+    assert!(kernel_patch_applies(
+        GuestArch::Aarch64,
+        "patches/0003-mm-x.patch"
+    ));
+    assert!(!kernel_patch_applies(
+        GuestArch::Aarch64,
+        "patches/0001-x86-x.patch"
+    ));
+    assert!(kernel_patch_applies(
+        GuestArch::X86_64,
+        "patches/0001-x86-x.patch"
+    ));
+    assert!(!kernel_patch_applies(GuestArch::X86_64, "microvm.config"));
+    fs::remove_dir_all(&dir).unwrap();
+    // The embedded inputs: hash.sh ARCH prints the same keys.
+    let kdir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/kernel");
+    if std::env::var_os("LOCALD_VMM_KERNEL_DIR").is_none() && kdir.join("hash.sh").is_file() {
+        for arch in [GuestArch::X86_64, GuestArch::Aarch64] {
+            let out = Command::new("bash")
+                .arg(kdir.join("hash.sh"))
+                .arg(arch.name())
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                default_kernel_key_for(arch),
+                "{arch}"
+            );
+        }
+    }
+}
+
+#[test]
+fn aarch64_kernel_build_gets_the_arch_flag() {
+    let cache = temp_dir("kernel-arm");
+    let script = b"#!/bin/bash\nset -e\ntest \"$1\" = --arch && test \"$2\" = aarch64\n\
+        test -f microvm-aarch64.config\n\
+        mkdir -p \"$3\"; echo img > \"$3/Image\"; echo map > \"$3/System.map\"\n";
+    let inputs: &[(&str, &[u8])] = &[
+        ("build-kernel.sh", script),
+        ("microvm.config", b"CONFIG_X=y\n"),
+        ("microvm-aarch64.config", b"CONFIG_A=y\n"),
+    ];
+    let k = kernel_in_for(&cache, GuestArch::Aarch64, inputs).unwrap();
+    let dir = cache.join(format!(
+        "kernel-aarch64-{}",
+        kernel_key_for(GuestArch::Aarch64, inputs)
+    ));
+    assert_eq!(k.vmlinux, dir.join("Image"));
+    assert_eq!(k.system_map, dir.join("System.map"));
+    assert!(cache
+        .join(format!(
+            "kernel-aarch64-{}.lock",
+            kernel_key_for(GuestArch::Aarch64, inputs)
+        ))
+        .is_file());
     fs::remove_dir_all(&cache).unwrap();
 }
 
@@ -290,7 +477,29 @@ fn busybox_rejects_dynamic_host_binary() {
     let cached = cache.join("busybox-1.0/busybox");
     fs::create_dir_all(cached.parent().unwrap()).unwrap();
     fs::write(&cached, init_binary()).unwrap(); // any static ELF will do
-    assert_eq!(busybox_in(&cache, Path::new("/bin/sh")).unwrap(), cached);
+    assert_eq!(
+        busybox_in(&cache, Path::new("/bin/sh"), GuestArch::X86_64).unwrap(),
+        cached
+    );
+    fs::remove_dir_all(&cache).unwrap();
+}
+
+#[test]
+fn busybox_cache_is_per_arch() {
+    // An x86-64 busybox is never the aarch64 one and the other way round,
+    // even when the directory names overlap (`busybox-` is a prefix of
+    // `busybox-aarch64-`).
+    let cache = temp_dir("bb-arch");
+    let x86 = cache.join("busybox-1.0/busybox");
+    let arm = cache.join("busybox-aarch64-1.0/busybox");
+    for p in [&x86, &arm] {
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+    }
+    fs::write(&x86, init_binary()).unwrap();
+    fs::write(&arm, fake_elf(183, &[])).unwrap();
+    let host = Path::new("/nonexistent");
+    assert_eq!(busybox_in(&cache, host, GuestArch::X86_64).unwrap(), x86);
+    assert_eq!(busybox_in(&cache, host, GuestArch::Aarch64).unwrap(), arm);
     fs::remove_dir_all(&cache).unwrap();
 }
 
@@ -298,14 +507,14 @@ fn busybox_rejects_dynamic_host_binary() {
 /// (skipped when the host has none).
 #[test]
 fn real_initramfs() {
-    if !is_static_file(Path::new(HOST_BUSYBOX)) {
+    if !is_static_file(GuestArch::X86_64, Path::new(HOST_BUSYBOX)) {
         crate::test_support::skip(crate::test_support::Why::Missing(
             "static busybox (busybox-static)",
         ));
         return;
     }
     let cache = temp_dir("initramfs-real");
-    let bb = busybox_in(&cache, Path::new(HOST_BUSYBOX)).unwrap();
+    let bb = busybox_in(&cache, Path::new(HOST_BUSYBOX), GuestArch::X86_64).unwrap();
     let path = initramfs_in(&cache, init_binary(), &bb).unwrap();
     assert_eq!(initramfs_in(&cache, init_binary(), &bb).unwrap(), path);
     let archive = fs::read(&path).unwrap();
