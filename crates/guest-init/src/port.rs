@@ -52,7 +52,7 @@ pub struct ExitPort {
 /// newline-terminated, written in one `write`). The line is printed right
 /// before the VM powers off.
 pub fn exit_status_line(code: u8) -> String {
-    format!("locald-init: exit status {code}\n")
+    locald_guest_spec::exit_line::encode(code)
 }
 
 impl ExitPort {

@@ -30,6 +30,7 @@ mod fields;
 
 pub mod argv;
 pub mod env;
+pub mod exit_line;
 pub mod net;
 pub mod root;
 pub mod rosetta;

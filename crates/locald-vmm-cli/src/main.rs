@@ -259,7 +259,6 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         command: (!args.command.is_empty()).then(|| args.command.clone()),
         env,
         workdir: args.workdir.clone(),
-        arch: locald_vmm::GuestArch::host(),
         vcpus,
         memory_mib,
         console: ConsoleConfig::Stdio,

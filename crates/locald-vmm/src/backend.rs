@@ -42,6 +42,24 @@ impl Backend {
     /// of its own (the Virtualization.framework takes the initrd as a file).
     pub(crate) const NEEDS_RUNTIME_DIR: bool = cfg!(target_os = "macos");
 
+    /// Refuses, before any work, what this platform's backend cannot do
+    /// (another guest architecture, options of the other backend).
+    pub(crate) fn check(config: &VmConfig) -> Result<(), Error> {
+        #[cfg(target_os = "linux")]
+        return crate::kvm::builder::KvmBackend::check(config);
+        #[cfg(target_os = "macos")]
+        return crate::vz::plan::check_unsupported(
+            config,
+            &crate::vz::PlanOptions {
+                rosetta: config.rosetta,
+                ..crate::vz::PlanOptions::default()
+            },
+        )
+        .map_err(|e| Error::Vz(e.into()));
+        #[cfg(not(any(target_os = "linux", target_os = "macos")))]
+        Err(crate::error::ConfigError::NoBackend.into())
+    }
+
     /// Plans the devices and creates the VM on this platform's backend.
     #[allow(unused_variables)]
     pub(crate) fn build(

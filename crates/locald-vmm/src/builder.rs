@@ -1,5 +1,7 @@
 //! `VirtualMachine::new` in stages, after Firecracker's `builder.rs`:
 //!
+//! 0. **backend check** ([`crate::backend::Backend::check`]): what the
+//!    platform's backend refuses, before any work;
 //! 1. **guest image** ([`GuestImage::resolve`]): the kernel and initramfs
 //!    (the default guest's for the configured arch, or the user's), with
 //!    the per-run command spec appended to the initramfs;
@@ -42,14 +44,14 @@ impl GuestImage {
         let (kernel, system_map) = match &config.kernel {
             Some(k) => (k.clone(), config.system_map.clone()),
             None => {
-                let k = assets::default_kernel()?;
+                let k = assets::default_kernel_for(config.arch)?;
                 (k.vmlinux, config.system_map.clone().or(Some(k.system_map)))
             }
         };
         let default_init = default_kernel && config.initrd.is_none();
         let initrd_path = match (&config.initrd, default_kernel) {
             (Some(path), _) => Some(path.clone()),
-            (None, true) => Some(assets::default_initramfs()?),
+            (None, true) => Some(assets::default_initramfs_for(config.arch)?),
             (None, false) => None,
         };
         let mut initrd = match initrd_path {

@@ -37,6 +37,7 @@ impl VirtualMachine {
     /// The stages are in [`crate::builder`].
     pub fn new(config: VmConfig) -> Result<Self, Error> {
         config.validate()?;
+        Backend::check(&config)?;
         let mut config = config;
         let mut image = GuestImage::resolve(&config)?;
         let link = AgentLink::prepare(&mut config, Backend::NEEDS_RUNTIME_DIR)?;

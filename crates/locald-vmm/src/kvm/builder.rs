@@ -22,13 +22,9 @@ pub(crate) struct KvmBackend {
 }
 
 impl KvmBackend {
-    /// Checks what only this backend needs, plans the devices, loads the
-    /// kernel and creates the vCPUs.
-    pub(crate) fn build(
-        config: &VmConfig,
-        image: &mut GuestImage,
-        control: Arc<VmControl>,
-    ) -> Result<Self, Error> {
+    /// The options this backend cannot honour: checked before the guest
+    /// image is resolved (which may mean building a kernel).
+    pub(crate) fn check(config: &VmConfig) -> Result<(), Error> {
         if config.arch != GuestArch::host() {
             return Err(ConfigError::ArchNotRunnable {
                 arch: config.arch,
@@ -45,6 +41,16 @@ impl KvmBackend {
             }
             .into());
         }
+        Ok(())
+    }
+
+    /// Plans the devices, loads the kernel and creates the vCPUs (after
+    /// [`KvmBackend::check`]).
+    pub(crate) fn build(
+        config: &VmConfig,
+        image: &mut GuestImage,
+        control: Arc<VmControl>,
+    ) -> Result<Self, Error> {
         if config.seccomp {
             crate::seccomp::check().map_err(|e| Error::Device(e.to_string()))?;
         }

@@ -16,7 +16,7 @@
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -44,6 +44,7 @@ use objc2_virtualization::{
 };
 
 use super::bridge::{BridgeHandle, BridgeLimits, DialedConn, GuestDialer, VsockBridge};
+use super::console::ConsoleEvent;
 use super::error::VzError;
 use super::lifecycle::{self, StopPolicy, Stopped, VmEvent, VmHandle};
 use super::plan::{
@@ -91,12 +92,21 @@ unsafe impl<T> Sync for OnQueue<T> {}
 struct Shared {
     control: Arc<VmControl>,
     stopped: Arc<Stopped>,
-    panicked: Arc<AtomicBool>,
+    console: Arc<ConsoleSeen>,
+}
+
+/// What the console pump saw: a kernel panic, the init's last exit status
+/// (-1: none).
+struct ConsoleSeen {
+    panicked: AtomicBool,
+    exit: AtomicI32,
 }
 
 impl Shared {
     fn event(&self, e: VmEvent) {
-        lifecycle::record(&self.control, &e, self.panicked.load(Ordering::SeqCst));
+        let exit = u8::try_from(self.console.exit.load(Ordering::SeqCst)).ok();
+        let panicked = self.console.panicked.load(Ordering::SeqCst);
+        lifecycle::record(&self.control, &e, panicked, exit);
         self.stopped.set();
     }
 }
@@ -375,7 +385,7 @@ fn file_handle(fd: OwnedFd) -> Retained<NSFileHandle> {
 fn console(
     plan: &ConsolePlan,
     control: Arc<VmControl>,
-    panicked: Arc<AtomicBool>,
+    seen: Arc<ConsoleSeen>,
 ) -> Result<Console, VzError> {
     let (out_r, out_w) = std::io::pipe().map_err(VzError::Console)?;
     let input: Option<OwnedFd> = match plan {
@@ -408,9 +418,12 @@ fn console(
     let pump = std::thread::Builder::new()
         .name("vz-console-out".into())
         .spawn(move || {
-            super::console::pump(out_r, sink, || {
-                panicked.store(true, Ordering::SeqCst);
-                control.note_panic();
+            super::console::pump(out_r, sink, |event| match event {
+                ConsoleEvent::Panic => {
+                    seen.panicked.store(true, Ordering::SeqCst);
+                    control.note_panic();
+                }
+                ConsoleEvent::Exit(code) => seen.exit.store(i32::from(code), Ordering::SeqCst),
             })
         })
         .map_err(VzError::Console)?;
@@ -659,9 +672,12 @@ impl VzVm {
         let shared = Arc::new(Shared {
             control: control.clone(),
             stopped: Arc::new(Stopped::default()),
-            panicked: Arc::new(AtomicBool::new(false)),
+            console: Arc::new(ConsoleSeen {
+                panicked: AtomicBool::new(false),
+                exit: AtomicI32::new(-1),
+            }),
         });
-        let console = console(&plan.console, control.clone(), shared.panicked.clone())?;
+        let console = console(&plan.console, control.clone(), shared.console.clone())?;
         let config = OnQueue(configuration(plan, &console.port)?);
         let delegate = VmDelegate::new(shared.clone());
         let queue = DispatchQueue::new("dev.locald.vmm.vz", DispatchQueueAttr::SERIAL);

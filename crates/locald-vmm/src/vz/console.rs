@@ -1,8 +1,9 @@
 //! The guest console's output path under VZ. The serial port writes into
 //! a pipe; a thread ([`pump`]) copies it to where the console goes and
-//! watches for the kernel's panic message, because under VZ a panic
-//! (`panic=-1` reboots) looks like any other guest stop. Pure Rust over
-//! `Read`/`Write`: tested on Linux.
+//! watches for two things, because under VZ every guest end looks like a
+//! plain stop: the kernel's panic message (`panic=-1` reboots), and the
+//! guest init's exit status line (`locald_guest_spec::exit_line`: there is
+//! no exit port). Pure Rust over `Read`/`Write`: tested on Linux.
 
 use std::io::{self, Read, Write};
 
@@ -44,12 +45,57 @@ impl PanicScanner {
     }
 }
 
-/// Copies guest output from `from` to `to` until EOF, calling `on_panic`
-/// once if the panic marker goes by. A failing `to` (a closed stdout) is
-/// dropped and the rest is read and discarded, so the guest never blocks
-/// on a full console.
-pub fn pump(mut from: impl Read, mut to: Option<Box<dyn Write + Send>>, on_panic: impl Fn()) {
+/// What the console showed that decides how the guest ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsoleEvent {
+    /// The kernel panicked (reported once).
+    Panic,
+    /// The guest init reported its command's exit status (each line).
+    Exit(u8),
+}
+
+/// Finds the exit status lines in a byte stream that arrives in pieces.
+#[derive(Debug, Default)]
+pub struct ExitLineScanner {
+    /// The current line, while it can still be a status line.
+    line: Vec<u8>,
+    /// The current line is already too long to be one.
+    overlong: bool,
+}
+
+impl ExitLineScanner {
+    /// Feeds the next chunk; returns the status of each complete status
+    /// line in it, in order.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut codes = Vec::new();
+        for &b in chunk {
+            if b == b'\n' {
+                if !self.overlong {
+                    codes.extend(locald_guest_spec::exit_line::parse(&self.line));
+                }
+                self.line.clear();
+                self.overlong = false;
+            } else if self.line.len() < locald_guest_spec::exit_line::MAX_LINE {
+                self.line.push(b);
+            } else {
+                self.overlong = true;
+            }
+        }
+        codes
+    }
+}
+
+/// Copies guest output from `from` to `to` until EOF, calling `on_event`
+/// once for a panic and for every exit status line. A failing `to` (a
+/// closed stdout) is dropped and the rest is read and discarded, so the
+/// guest never blocks on a full console.
+pub fn pump(
+    mut from: impl Read,
+    mut to: Option<Box<dyn Write + Send>>,
+    on_event: impl Fn(ConsoleEvent),
+) {
     let mut scanner = PanicScanner::default();
+    let mut exits = ExitLineScanner::default();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -59,7 +105,10 @@ pub fn pump(mut from: impl Read, mut to: Option<Box<dyn Write + Send>>, on_panic
             Err(_) => break,
         };
         if scanner.feed(&buf[..n]) {
-            on_panic();
+            on_event(ConsoleEvent::Panic);
+        }
+        for code in exits.feed(&buf[..n]) {
+            on_event(ConsoleEvent::Exit(code));
         }
         if let Some(w) = to.as_mut() {
             if w.write_all(&buf[..n]).and_then(|()| w.flush()).is_err() {
@@ -101,11 +150,33 @@ mod tests {
         let hits = AtomicUsize::new(0);
         let input: &[u8] =
             b"boot\nKernel panic - not syncing: x\nmore Kernel panic - not syncing\n";
-        pump(input, Some(Box::new(out.clone())), || {
+        pump(input, Some(Box::new(out.clone())), |e| {
+            assert_eq!(e, ConsoleEvent::Panic);
             hits.fetch_add(1, Ordering::SeqCst);
         });
         assert_eq!(out.contents(), input);
         assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn exit_lines_are_found_across_chunks() {
+        let text = b"x\nlocald-init: exit status 3\nlocald-init: exit status 42\r\nno\n";
+        for split in 0..text.len() {
+            let mut s = ExitLineScanner::default();
+            let mut codes = s.feed(&text[..split]);
+            codes.extend(s.feed(&text[split..]));
+            assert_eq!(codes, [3, 42], "split at {split}");
+        }
+        // A status line glued to a longer one is not a status line.
+        let mut s = ExitLineScanner::default();
+        assert!(s.feed(b"locald-init: exit status 1234567890\n").is_empty());
+        assert!(s.feed(b"prefix locald-init: exit status 1\n").is_empty());
+        let events = std::sync::Mutex::new(Vec::new());
+        pump(&text[..], None, |e| events.lock().unwrap().push(e));
+        assert_eq!(
+            events.into_inner().unwrap(),
+            [ConsoleEvent::Exit(3), ConsoleEvent::Exit(42)]
+        );
     }
 
     #[test]
@@ -121,10 +192,10 @@ mod tests {
         }
         let big = vec![b'x'; 100_000];
         let mut r: &[u8] = &big;
-        pump(&mut r, Some(Box::new(Broken)), || {});
+        pump(&mut r, Some(Box::new(Broken)), |_| {});
         assert!(r.is_empty(), "everything was read");
         let mut r: &[u8] = &big;
-        pump(&mut r, None, || {});
+        pump(&mut r, None, |_| {});
         assert!(r.is_empty());
     }
 }

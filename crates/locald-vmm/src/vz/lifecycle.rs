@@ -24,12 +24,17 @@ pub enum VmEvent {
 
 /// Records `event` in `control` (the first outcome wins). A guest stop after a kernel panic
 /// message (`panicked`, from the console) is [`ExitStatus::Panic`] (the
-/// guest boots with `panic=-1`, and VZ turns the reboot into a stop);
-/// any other guest stop is [`ExitStatus::PowerOff`].
-pub fn record(control: &VmControl, event: &VmEvent, panicked: bool) {
+/// guest boots with `panic=-1`, and VZ turns the reboot into a stop); a
+/// guest stop after the init's exit status line (`exit`, the last one the
+/// console showed) is [`ExitStatus::Exited`]; any other guest stop is
+/// [`ExitStatus::PowerOff`].
+pub fn record(control: &VmControl, event: &VmEvent, panicked: bool, exit: Option<u8>) {
     match event {
         VmEvent::GuestStopped if panicked => control.request_stop(ExitStatus::Panic),
-        VmEvent::GuestStopped => control.request_stop(ExitStatus::PowerOff),
+        VmEvent::GuestStopped => control.request_stop(match exit {
+            Some(code) => ExitStatus::Exited(code),
+            None => ExitStatus::PowerOff,
+        }),
         VmEvent::StoppedWithError(e) => {
             control.fail(format!("Virtualization.framework stopped the VM: {e}"))
         }
@@ -265,7 +270,7 @@ mod tests {
                 std::thread::spawn(move || {
                     std::thread::sleep(after);
                     // The guest powers off: the delegate fires.
-                    record(&c, &VmEvent::GuestStopped, false);
+                    record(&c, &VmEvent::GuestStopped, false, None);
                     s.set();
                 });
             }
@@ -289,16 +294,25 @@ mod tests {
     #[test]
     fn delegate_events_become_statuses() {
         let c = VmControl::new();
-        record(&c, &VmEvent::GuestStopped, false);
+        record(&c, &VmEvent::GuestStopped, false, None);
         assert_eq!(c.status(), Some(ExitStatus::PowerOff));
         let c = VmControl::new();
-        record(&c, &VmEvent::GuestStopped, true);
+        record(&c, &VmEvent::GuestStopped, true, None);
+        assert_eq!(c.status(), Some(ExitStatus::Panic));
+        // The init's exit status line makes a guest stop an exit…
+        let c = VmControl::new();
+        record(&c, &VmEvent::GuestStopped, false, Some(7));
+        assert_eq!(c.status(), Some(ExitStatus::Exited(7)));
+        // …unless the kernel panicked after it.
+        let c = VmControl::new();
+        record(&c, &VmEvent::GuestStopped, true, Some(0));
         assert_eq!(c.status(), Some(ExitStatus::Panic));
         let c = VmControl::new();
         record(
             &c,
             &VmEvent::StoppedWithError("internal error".into()),
             false,
+            None,
         );
         match c.wait(None) {
             Some(Outcome::Failed(m)) => assert!(m.contains("internal error"), "{m}"),
@@ -307,8 +321,8 @@ mod tests {
         // First outcome wins: a later guest stop does not replace it.
         let c = VmControl::new();
         c.request_stop(ExitStatus::TimedOut);
-        record(&c, &VmEvent::GuestStopped, false);
-        record(&c, &VmEvent::ForceStopped(None), false);
+        record(&c, &VmEvent::GuestStopped, false, None);
+        record(&c, &VmEvent::ForceStopped(None), false, None);
         assert_eq!(c.status(), Some(ExitStatus::TimedOut));
     }
 
@@ -378,7 +392,7 @@ mod tests {
             let (c, s) = (vm.control.clone(), vm.stopped.clone());
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(10));
-                record(&c, &VmEvent::GuestStopped, false);
+                record(&c, &VmEvent::GuestStopped, false, None);
                 s.set();
             });
         }
@@ -415,6 +429,7 @@ mod tests {
             &vm.control,
             &VmEvent::StoppedWithError("boom".into()),
             false,
+            None,
         );
         vm.stopped.set();
         let o = run_to_end(&vm.control, None, &vm, &vm.stopped, policy(20));

@@ -398,8 +398,9 @@ impl VzPlan {
     }
 }
 
-/// The options VZ cannot honour whatever the rest says.
-fn check_unsupported(config: &VmConfig, opts: &PlanOptions) -> Result<(), PlanError> {
+/// The options VZ cannot honour whatever the rest says (cheap: checked
+/// before the guest image is resolved, and again by [`VzPlan::new`]).
+pub(crate) fn check_unsupported(config: &VmConfig, opts: &PlanOptions) -> Result<(), PlanError> {
     if config.arch != opts.host_arch {
         return Err(PlanError::Arch {
             guest: config.arch,
