@@ -53,8 +53,23 @@ use spawn::{Event, Resolved, Stdio};
 const CODE_INIT_FAILURE: u8 = 125;
 /// Interactive fallback shell.
 const SHELL: &str = "/bin/sh";
-/// Serial console used as controlling terminal of the interactive shell.
+/// Serial console used as controlling terminal of the interactive shell
+/// when the kernel does not say which one it uses.
 const CONSOLE_TTY: &std::ffi::CStr = c"/dev/ttyS0";
+/// Where the kernel lists its active consoles (the primary one last).
+const ACTIVE_CONSOLES: &str = "/sys/class/tty/console/active";
+
+/// The console device the kernel writes to, from the contents of
+/// [`ACTIVE_CONSOLES`] (`ttyS0` on the KVM backend, `hvc0` under
+/// Virtualization.framework, `ttyAMA0` under QEMU's arm64 `virt`): the
+/// last name, if it is a plain device name.
+fn active_console(list: &str) -> Option<CString> {
+    let name = list.split_ascii_whitespace().last()?;
+    if name.len() > 32 || !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    CString::new(format!("/dev/{name}")).ok()
+}
 
 /// How init ends the VM.
 enum Ending {
@@ -173,9 +188,13 @@ fn run(port: ExitPort) -> Ending {
     }
 
     let interactive = spec.argv.is_empty();
+    let tty = std::fs::read_to_string(ACTIVE_CONSOLES)
+        .ok()
+        .and_then(|l| active_console(&l))
+        .unwrap_or_else(|| CONSOLE_TTY.to_owned());
     let (argv, stdio) = if interactive {
-        let stdio = if Path::new(OsStr::from_bytes(CONSOLE_TTY.to_bytes())).exists() {
-            Stdio::ControllingTty(CONSOLE_TTY)
+        let stdio = if Path::new(OsStr::from_bytes(tty.to_bytes())).exists() {
+            Stdio::ControllingTty(&tty)
         } else {
             Stdio::Inherit
         };
@@ -266,5 +285,26 @@ fn hang() -> ! {
     loop {
         // SAFETY: pause has no preconditions.
         unsafe { libc::pause() };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_primary_console_is_the_last_active_one() {
+        assert_eq!(active_console("ttyS0\n").unwrap(), c"/dev/ttyS0".to_owned());
+        assert_eq!(
+            active_console("tty0 hvc0\n").unwrap(),
+            c"/dev/hvc0".to_owned()
+        );
+        assert_eq!(
+            active_console("ttyAMA0").unwrap(),
+            c"/dev/ttyAMA0".to_owned()
+        );
+        for bad in ["", "\n", "../sda", "tty/0", "x\u{e9}"] {
+            assert_eq!(active_console(bad), None, "{bad:?}");
+        }
     }
 }
