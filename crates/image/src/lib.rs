@@ -15,6 +15,8 @@ pub mod progress;
 pub mod pull;
 pub mod reference;
 pub mod registry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod unpack;
 
 pub use cache::{ImageEntry, ImageStore, Layer, PruneStats, PulledImage};
