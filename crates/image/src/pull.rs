@@ -31,26 +31,29 @@ pub enum ImageSource {
 }
 
 impl ImageSource {
-    /// A CLI argument: an existing directory is an OCI layout, an existing
-    /// file an archive (either may end in `:TAG` if the whole path does
-    /// not exist); anything else must parse as a reference.
+    /// A CLI argument: a directory holding an `oci-layout` file is an OCI
+    /// layout, an existing regular file an archive (either may end in
+    /// `:TAG` when the whole argument is not a path); anything else must
+    /// parse as a reference. So a plain directory named `alpine` in the
+    /// working directory does not shadow the image `alpine`.
     pub fn parse(arg: &str) -> Result<ImageSource, ImageError> {
-        let p = Path::new(arg);
         let local = |p: &Path, tag: Option<String>| -> Option<ImageSource> {
             let md = std::fs::metadata(p).ok()?;
-            Some(if md.is_dir() {
-                ImageSource::OciLayout {
+            if md.is_dir() && p.join("oci-layout").is_file() {
+                Some(ImageSource::OciLayout {
                     dir: p.to_path_buf(),
                     tag,
-                }
-            } else {
-                ImageSource::Archive {
+                })
+            } else if md.is_file() {
+                Some(ImageSource::Archive {
                     path: p.to_path_buf(),
                     tag,
-                }
-            })
+                })
+            } else {
+                None
+            }
         };
-        if let Some(s) = local(p, None) {
+        if let Some(s) = local(Path::new(arg), None) {
             return Ok(s);
         }
         if let Some((path, tag)) = arg.rsplit_once(':') {

@@ -678,3 +678,29 @@ fn index_blob_of_a_layout_is_verified() {
     assert!(matches!(e, ImageError::DigestMismatch { .. }), "{e:?}");
     assert_eq!(cache_contents(store.dir()), (vec![], vec![]));
 }
+
+#[test]
+fn source_parsing() {
+    let t = TempDir::new("srcparse");
+    let l = OciLayout::create(&t.path().join("layout"));
+    let plain = t.path().join("alpine");
+    std::fs::create_dir(&plain).unwrap();
+    let p = |s: &str| ImageSource::parse(s).unwrap();
+    assert!(matches!(
+        p(l.dir.to_str().unwrap()),
+        ImageSource::OciLayout { tag: None, .. }
+    ));
+    assert!(matches!(
+        p(&format!("{}:v1", l.dir.display())),
+        ImageSource::OciLayout { tag: Some(ref t), .. } if t == "v1"
+    ));
+    // A directory without oci-layout is not a layout: parsed as a reference.
+    let e = ImageSource::parse(plain.to_str().unwrap()).unwrap_err();
+    assert!(matches!(e, ImageError::Reference(_)), "{e:?}");
+    assert_eq!(
+        p("alpine"),
+        ImageSource::Registry(locald_image::ImageReference::parse("alpine").unwrap())
+    );
+    assert_eq!(p("alpine").key(), "docker.io/library/alpine:latest");
+    assert!(p(l.dir.to_str().unwrap()).key().starts_with("oci:/"));
+}
