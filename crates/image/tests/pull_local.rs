@@ -704,3 +704,48 @@ fn source_parsing() {
     assert_eq!(p("alpine").key(), "docker.io/library/alpine:latest");
     assert!(p(l.dir.to_str().unwrap()).key().starts_with("oci:/"));
 }
+
+#[test]
+fn scratch_image_with_one_binary() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TempDir::new("scratch");
+    let bin = Path::new("/bin/true");
+    let img = build_image(&locald_image::testing::scratch_image(bin, Arch::Amd64));
+    let mut l = OciLayout::create(&t.path().join("layout"));
+    l.add_image(&img, None);
+    let store = ImageStore::open(&t.path().join("cache")).unwrap();
+    let got = store
+        .pull(
+            &layout_src(&l.dir, None),
+            &opts(Arch::Amd64),
+            &mut NoProgress,
+        )
+        .unwrap();
+    assert_eq!(
+        got.config.entrypoint.as_deref(),
+        Some(&["/app".to_string()][..])
+    );
+    assert_eq!(got.config.cmd, None);
+    let root = t.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let mut u = Unpacker::new(&root, Limits::default()).unwrap();
+    u.apply_layer(
+        std::fs::File::open(&got.layers[0].path).unwrap(),
+        &got.layers[0].media_type,
+    )
+    .unwrap();
+    let (table, _) = u.finish().unwrap();
+    assert_eq!(
+        std::fs::read(root.join("app")).unwrap(),
+        std::fs::read(bin).unwrap()
+    );
+    assert_eq!(
+        std::fs::metadata(root.join("app"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+    assert!(table.iter().any(|(p, _)| p == b"app"));
+}
