@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -541,5 +540,68 @@ fn concurrent_pulls_two_threads_from_a_registry() {
     // The second pull waited for the first and fetched no blob again.
     assert_eq!(blob_gets.load(Ordering::SeqCst), 1 + img.layers.len());
     assert_blobs_valid(&dir);
-    let _ = HashMap::<(), ()>::new();
+}
+
+const CHILD_ENV: &str = "LOCALD_IMAGE_TEST_CHILD_REGISTRY_PULL";
+
+/// The child side of `concurrent_pulls_two_processes_from_a_registry`
+/// (does nothing unless the parent set the variable).
+#[test]
+fn child_registry_pull_helper() {
+    let Ok(arg) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let (addr, cache) = arg.split_once('|').unwrap();
+    let t = TempDir::new("fake-child");
+    ImageStore::open(std::path::Path::new(cache))
+        .unwrap()
+        .pull(
+            &src(addr, "app:v1"),
+            &opts(Arch::Amd64, &t),
+            &mut NoProgress,
+        )
+        .unwrap();
+}
+
+#[test]
+fn concurrent_pulls_two_processes_from_a_registry() {
+    let t = TempDir::new("fake-procs");
+    let img = build_image(&sample_image(Arch::Amd64));
+    let (m, b) = serve_maps(&[&img], None, "v1");
+    let blob_gets = Arc::new(AtomicUsize::new(0));
+    let counter = blob_gets.clone();
+    let inner = registry_handler(m, b);
+    let reg = FakeRegistry::start(move |req| {
+        if req.path.contains("/blobs/") {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        inner(req)
+    });
+    let dir = t.path().join("cache");
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args(["--exact", "child_registry_pull_helper", "--nocapture"])
+                .env(CHILD_ENV, format!("{}|{}", reg.addr, dir.display()))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "child failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(cache_contents(&dir).0, blob_names(&img));
+    assert_eq!(cache_contents(&dir).1.len(), 1);
+    assert_eq!(blob_gets.load(Ordering::SeqCst), 1 + img.layers.len());
+    assert_blobs_valid(&dir);
 }
