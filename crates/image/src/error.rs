@@ -65,6 +65,11 @@ pub enum ImageError {
     #[error("registry {registry}: {reference} not found")]
     NotFound { registry: String, reference: String },
 
+    #[error(
+        "image declares {declared} bytes of blobs, more than the {max} allowed (nothing cached)"
+    )]
+    TooLarge { declared: u64, max: u64 },
+
     #[error("no image {0} in the cache")]
     NotCached(String),
 

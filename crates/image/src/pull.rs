@@ -97,6 +97,11 @@ pub struct PullOptions {
     /// The docker `config.json` to take credentials from; `None`:
     /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
     pub docker_config: Option<PathBuf>,
+    /// Largest total of an image's declared blob sizes (config and
+    /// layers) that a pull accepts; checked before anything is fetched.
+    /// Default 32 GiB. Blobs can never grow past their declared sizes, so
+    /// this bounds the disk a pull uses.
+    pub max_image_bytes: u64,
 }
 
 impl Default for PullOptions {
@@ -105,6 +110,7 @@ impl Default for PullOptions {
             arch: Arch::host(),
             insecure_registries: Vec::new(),
             docker_config: None,
+            max_image_bytes: 32 << 30,
         }
     }
 }
@@ -175,7 +181,7 @@ impl ImageStore {
             ImageSource::Registry(r) => {
                 let mut reg = crate::registry::RegistrySource::new(r, opts)?;
                 let resolved = reg.resolve(opts.arch)?;
-                self.import(&key, resolved, &mut reg, progress)
+                self.import(&key, resolved, &mut reg, opts, progress)
             }
             ImageSource::OciLayout { dir, tag } => {
                 let fp = cache::fingerprint(&dir.join("index.json"));
@@ -186,7 +192,7 @@ impl ImageStore {
                 let mut resolved =
                     crate::local::resolve_layout(&mut src, tag.as_deref(), opts.arch)?;
                 resolved.fingerprint = fp;
-                self.import(&key, resolved, &mut src, progress)
+                self.import(&key, resolved, &mut src, opts, progress)
             }
             ImageSource::Archive { path, tag } => {
                 let fp = cache::fingerprint(path);
@@ -196,7 +202,7 @@ impl ImageStore {
                 let mut src = crate::local::TarArchive::open(path)?;
                 let mut resolved = src.resolve(tag.as_deref(), opts.arch)?;
                 resolved.fingerprint = fp;
-                self.import(&key, resolved, &mut src, progress)
+                self.import(&key, resolved, &mut src, opts, progress)
             }
         }
     }
@@ -236,6 +242,7 @@ impl ImageStore {
         key: &str,
         resolved: Resolved,
         fetch: &mut dyn Fetch,
+        opts: &PullOptions,
         progress: &mut dyn Progress,
     ) -> Result<PulledImage, ImageError> {
         let actual = cache::sha256_digest(&resolved.manifest);
@@ -256,7 +263,18 @@ impl ImageStore {
                 "an index where an image manifest was expected",
             ));
         };
-        let total: u64 = m.layers().iter().map(|l| l.size()).sum();
+        let total: u64 = m
+            .layers()
+            .iter()
+            .map(|l| l.size())
+            .fold(0u64, u64::saturating_add);
+        let declared = total.saturating_add(m.config().size());
+        if declared > opts.max_image_bytes {
+            return Err(ImageError::TooLarge {
+                declared,
+                max: opts.max_image_bytes,
+            });
+        }
         progress.event(&ProgressEvent::Manifest {
             digest: &resolved.manifest_digest,
             layers: m.layers().len(),

@@ -749,3 +749,21 @@ fn scratch_image_with_one_binary() {
     );
     assert!(table.iter().any(|(p, _)| p == b"app"));
 }
+
+#[test]
+fn declared_size_over_the_limit_fetches_nothing() {
+    let t = TempDir::new("toolarge");
+    let img = build_image(&sample_image(Arch::Amd64));
+    let mut l = OciLayout::create(&t.path().join("layout"));
+    l.add_image(&img, None);
+    let store = ImageStore::open(&t.path().join("cache")).unwrap();
+    let o = PullOptions {
+        max_image_bytes: 100,
+        ..opts(Arch::Amd64)
+    };
+    let e = store
+        .pull(&layout_src(&l.dir, None), &o, &mut NoProgress)
+        .unwrap_err();
+    assert!(matches!(e, ImageError::TooLarge { max: 100, .. }), "{e:?}");
+    assert_eq!(cache_contents(store.dir()), (vec![], vec![]));
+}

@@ -28,6 +28,7 @@ fn opts(arch: Arch, t: &TempDir) -> PullOptions {
         insecure_registries: vec![],
         // No credentials unless a test writes some.
         docker_config: Some(t.path().join("no-docker-config.json")),
+        ..PullOptions::default()
     }
 }
 
@@ -421,6 +422,7 @@ fn docker_config_credentials_reach_the_token_endpoint() {
         arch: Arch::Amd64,
         insecure_registries: vec![],
         docker_config: Some(cfg_dir.join("config.json")),
+        ..PullOptions::default()
     };
     store
         .pull(&src(&reg.addr, "app:v1"), &o, &mut NoProgress)

@@ -33,6 +33,7 @@ fn opts(arch: Arch, t: &TempDir) -> PullOptions {
         arch,
         insecure_registries: vec![],
         docker_config: Some(t.path().join("none.json")),
+        ..PullOptions::default()
     }
 }
 
