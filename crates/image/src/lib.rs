@@ -1,6 +1,27 @@
-//! `locald-image`: OCI images for locald-vmm. So far the layer unpacker
-//! ([`unpack`]), which stages an image's root filesystem on the host plus
-//! a metadata table for the ext4 builder; registry, reference and cache
-//! modules come next. Library code only, run on the caller's thread.
+//! `locald-image`: OCI images for locald-vmm. Getting images into a local
+//! content-addressed cache ([`cache::ImageStore`], from registries
+//! ([`registry`]) and local layouts and archives ([`local`]), with image
+//! references parsed as docker does ([`reference`])), and the layer
+//! unpacker ([`unpack`]), which stages an image's root filesystem on the
+//! host plus a metadata table for the ext4 builder. Library code only,
+//! run on the caller's thread (a registry pull drives its own
+//! current-thread tokio runtime on it). See `docs/oci-images.md`.
 
+pub mod cache;
+pub mod error;
+pub mod local;
+pub mod manifest;
+pub mod progress;
+pub mod pull;
+pub mod reference;
+pub mod registry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod unpack;
+
+pub use cache::{ImageEntry, ImageStore, Layer, PruneStats, PulledImage};
+pub use error::ImageError;
+pub use manifest::{Arch, ImageConfig};
+pub use progress::{NoProgress, Progress, ProgressEvent, TerminalProgress};
+pub use pull::{ImageSource, PullOptions};
+pub use reference::{ImageReference, ReferenceError};
