@@ -24,6 +24,9 @@ pkgs+=(git python3 tar)  # virtio-fs host-side tests (crates/locald-vmm/tests/vi
 # aarch64 default guest: cross compiler + arm64 glibc (kernel, static init),
 # QEMU for its test (crates/locald-vmm/tests/linux_aarch64.rs).
 pkgs+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-system-arm)
+# OCI images: a real registry on loopback and the tool that pushes test images to it
+# (crates/image/tests/registry_real.rs).
+pkgs+=(docker-registry skopeo)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
