@@ -14,8 +14,9 @@
 //! | `agent` | [`AGENT_CONTENT`] | presence only (agent mode) |
 //! | `shares` | [`shares`], [`ShareSpec`] | `TAG\0PATH\0MODE\0` per share |
 //! | `net` | [`NetSpec`] | `KEY=VALUE` lines |
-//! | `root` | [`RootSpec`] | `DEVICE\0FSTYPE\0MODE\0` |
+//! | `root` | [`RootSpec`] | `DEVICE\0FSTYPE\0MODE\0` (`MODE` may end in `+overlay`) |
 //! | `rosetta` | [`RosettaSpec`] | a virtio-fs tag, no terminator |
+//! | `image` | [`ImageSpec`] | NUL-terminated `KEY=VALUE` (`user`, `hostname`, `resolv`) |
 //!
 //! Every decoder takes untrusted bytes and returns a typed error (or, for
 //! `argv`, `env` and `workdir`, which accept any bytes, a value); none
@@ -30,6 +31,7 @@ mod fields;
 
 pub mod argv;
 pub mod env;
+pub mod image;
 pub mod net;
 pub mod root;
 pub mod rosetta;
@@ -40,6 +42,7 @@ pub mod workdir;
 mod tests;
 
 pub use fields::split_nul;
+pub use image::{ImageError, ImageSpec};
 pub use net::{NetError, NetMode, NetSpec};
 pub use root::{RootError, RootSpec};
 pub use rosetta::{RosettaError, RosettaSpec};
@@ -75,11 +78,13 @@ pub enum SpecFile {
     Root,
     /// Rosetta share tag.
     Rosetta,
+    /// OCI image configuration applied in the guest.
+    Image,
 }
 
 impl SpecFile {
     /// Every spec file, in archive order.
-    pub const ALL: [SpecFile; 8] = [
+    pub const ALL: [SpecFile; 9] = [
         Self::Argv,
         Self::Env,
         Self::Workdir,
@@ -88,6 +93,7 @@ impl SpecFile {
         Self::Net,
         Self::Root,
         Self::Rosetta,
+        Self::Image,
     ];
 
     /// File name inside [`SPEC_DIR`], e.g. `argv`.
@@ -101,6 +107,7 @@ impl SpecFile {
             Self::Net => "net",
             Self::Root => "root",
             Self::Rosetta => "rosetta",
+            Self::Image => "image",
         }
     }
 
@@ -115,6 +122,7 @@ impl SpecFile {
             Self::Net => ".locald/net",
             Self::Root => ".locald/root",
             Self::Rosetta => ".locald/rosetta",
+            Self::Image => ".locald/image",
         }
     }
 
@@ -129,6 +137,7 @@ impl SpecFile {
             Self::Net => "/.locald/net",
             Self::Root => "/.locald/root",
             Self::Rosetta => "/.locald/rosetta",
+            Self::Image => "/.locald/image",
         }
     }
 
@@ -167,6 +176,8 @@ pub struct CommandSpec {
     pub root: Option<RootSpec>,
     /// Rosetta share to mount and register for x86-64 binaries.
     pub rosetta: Option<RosettaSpec>,
+    /// The root is an OCI image: its user, hostname and `resolv.conf`.
+    pub image: Option<ImageSpec>,
 }
 
 /// Why a spec file was rejected: the file and its own error.
@@ -180,6 +191,8 @@ pub enum SpecError {
     Root(RootError),
     /// `/.locald/rosetta`.
     Rosetta(RosettaError),
+    /// `/.locald/image`.
+    Image(ImageError),
 }
 
 impl SpecError {
@@ -190,6 +203,7 @@ impl SpecError {
             Self::Net(_) => SpecFile::Net,
             Self::Root(_) => SpecFile::Root,
             Self::Rosetta(_) => SpecFile::Rosetta,
+            Self::Image(_) => SpecFile::Image,
         }
     }
 
@@ -199,6 +213,7 @@ impl SpecError {
             Self::Net(e) => e,
             Self::Root(e) => e,
             Self::Rosetta(e) => e,
+            Self::Image(e) => e,
         }
     }
 }
@@ -218,7 +233,8 @@ impl std::error::Error for SpecError {
 impl CommandSpec {
     /// The spec files for this run, in archive order: `argv` and `env`
     /// only when non-empty, `agent` only in agent mode, `shares` only when
-    /// there are shares, the others when `Some`. All with [`FILE_MODE`];
+    /// there are shares, the others when `Some` (`image` even when its
+    /// content is empty: its presence means "image root"). All with [`FILE_MODE`];
     /// the archive must also hold the directory [`ARCHIVE_DIR`].
     pub fn files(&self) -> Vec<ArchiveFile> {
         let mut out = Vec::new();
@@ -247,6 +263,9 @@ impl CommandSpec {
         if let Some(r) = &self.rosetta {
             add(SpecFile::Rosetta, r.encode());
         }
+        if let Some(i) = &self.image {
+            add(SpecFile::Image, i.encode());
+        }
         out
     }
 
@@ -273,6 +292,9 @@ impl CommandSpec {
                 }
                 SpecFile::Rosetta => {
                     spec.rosetta = Some(RosettaSpec::decode(data).map_err(SpecError::Rosetta)?)
+                }
+                SpecFile::Image => {
+                    spec.image = Some(ImageSpec::decode(data).map_err(SpecError::Image)?)
                 }
             }
         }
