@@ -219,6 +219,30 @@ struct Staged {
     /// Canonical path (`""` for the root).
     path: Vec<u8>,
     kind: &'static str,
+    /// What `mkfs.ext4 -d` copies from the host file into the inode.
+    host: HostMeta,
+}
+
+/// The inode fields `mkfs.ext4 -d` copies from the host (`lstat`): the
+/// commands for fields that already have the record's value are skipped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct HostMeta {
+    uid: u32,
+    gid: u32,
+    /// Full `st_mode`.
+    mode: u32,
+    mtime: i64,
+}
+
+impl HostMeta {
+    fn of(md: &fs::Metadata) -> HostMeta {
+        HostMeta {
+            uid: md.uid(),
+            gid: md.gid(),
+            mode: md.mode(),
+            mtime: md.mtime(),
+        }
+    }
 }
 
 fn kind_name(k: NodeKind) -> &'static str {
@@ -262,6 +286,7 @@ fn walk(root: &Path) -> Result<(Vec<Staged>, TreeCount), Ext4Error> {
     let mut out = vec![Staged {
         path: Vec::new(),
         kind: "a directory",
+        host: HostMeta::of(&md),
     }];
     let mut seen_inodes = std::collections::HashSet::new();
     // (host dir, canonical path)
@@ -297,6 +322,7 @@ fn walk(root: &Path) -> Result<(Vec<Staged>, TreeCount), Ext4Error> {
             out.push(Staged {
                 path,
                 kind: staged_kind(ft),
+                host: HostMeta::of(&md),
             });
         }
     }
@@ -385,7 +411,9 @@ impl Plan<'_> {
         )
     }
 
-    /// uid, gid, mode, mtime of one inode.
+    /// uid, gid, mode, mtime of one inode; with `host` (what mkfs copied
+    /// into it), only the fields that differ. A time after 2038 is always
+    /// set (its epoch bits live in `mtime_extra`).
     fn fields(
         &mut self,
         path: &[u8],
@@ -393,18 +421,29 @@ impl Plan<'_> {
         gid: u64,
         mode: u32,
         mtime: u64,
+        host: Option<HostMeta>,
     ) -> Result<(), Ext4Error> {
         for (which, v) in [("uid", uid), ("gid", gid)] {
             if v >= u64::from(u32::MAX) {
                 return Err(entry(path, EntryProblem::IdTooLarge { which, value: v }));
             }
         }
-        self.sif(path, "uid", &uid.to_string())?;
-        self.sif(path, "gid", &gid.to_string())?;
-        self.sif(path, "mode", &format!("0{mode:o}"))?;
+        let h = host.as_ref();
+        if h.is_none_or(|h| u64::from(h.uid) != uid) {
+            self.sif(path, "uid", &uid.to_string())?;
+        }
+        if h.is_none_or(|h| u64::from(h.gid) != gid) {
+            self.sif(path, "gid", &gid.to_string())?;
+        }
+        if h.is_none_or(|h| h.mode != mode) {
+            self.sif(path, "mode", &format!("0{mode:o}"))?;
+        }
         let (secs, epoch) = ext4_time(mtime);
-        self.sif(path, "mtime", &format!("@{secs}"))?;
-        self.sif(path, "mtime_extra", &epoch.to_string())
+        if h.is_none_or(|h| h.mtime < 0 || h.mtime as u64 != secs) || epoch != 0 {
+            self.sif(path, "mtime", &format!("@{secs}"))?;
+            self.sif(path, "mtime_extra", &epoch.to_string())?;
+        }
+        Ok(())
     }
 
     /// `cd "/parent"` then `CMD "name" ARGS…`.
@@ -417,7 +456,11 @@ impl Plan<'_> {
         self.script.line(path, &line)
     }
 
-    fn record(&mut self, path: &[u8], r: &Record) -> Result<(), Ext4Error> {
+    /// The commands for one record; `host`: what mkfs copied into the
+    /// inode from the staged file (`None`: set every field).
+    fn record(&mut self, path: &[u8], r: &Record, host: Option<HostMeta>) -> Result<(), Ext4Error> {
+        // A new node (mknod) has none of the host's fields.
+        let host = if r.kind.is_special() { None } else { host };
         match r.kind {
             NodeKind::CharDevice { major, minor } | NodeKind::BlockDevice { major, minor } => {
                 let (b0, b1) = device_blocks(major, minor)
@@ -466,7 +509,7 @@ impl Plan<'_> {
         } else {
             r.mode & 0o7777
         };
-        self.fields(path, r.uid, r.gid, type_bits(r.kind) | perm, r.mtime)?;
+        self.fields(path, r.uid, r.gid, type_bits(r.kind) | perm, r.mtime, host)?;
         for (name, value) in &r.xattrs {
             xattr_name_ok(name).map_err(|why| {
                 entry(
@@ -497,7 +540,7 @@ impl Plan<'_> {
 
     fn mount_point(&mut self, name: &str, mode: u32, mtime: u64) -> Result<(), Ext4Error> {
         self.in_parent(name.as_bytes(), "mkdir", &[])?;
-        self.fields(name.as_bytes(), 0, 0, 0o040000 | mode, mtime)?;
+        self.fields(name.as_bytes(), 0, 0, 0o040000 | mode, mtime, None)?;
         self.stats.mount_points_added += 1;
         Ok(())
     }
@@ -571,8 +614,12 @@ pub fn build_rootfs_image(
         values_dir: &work.0,
         stats: RootfsStats::default(),
     };
-    for (path, r) in table.iter() {
-        plan.record(path, r)?;
+    // check_tree: `tree` and `table` list the same paths in the same order.
+    for (staged, (path, r)) in tree.iter().zip(table.iter()) {
+        script::check_path(path)?;
+        // The root: whatever mkfs did with it, set everything.
+        let host = (!path.is_empty()).then_some(staged.host);
+        plan.record(path, r, host)?;
     }
     for (name, mode) in &missing {
         plan.mount_point(name, *mode, root_mtime)?;
@@ -790,6 +837,7 @@ mod tests {
         let s = |p: &str, kind| Staged {
             path: p.as_bytes().to_vec(),
             kind,
+            host: HostMeta::default(),
         };
         let table: MetadataTable = vec![
             (b"".to_vec(), rec(NodeKind::Dir)),
@@ -841,7 +889,7 @@ mod tests {
         let mut r = rec(NodeKind::CharDevice { major: 1, minor: 3 });
         r.mode = 0o666;
         r.xattrs = vec![(b"user.x".to_vec(), b"\0\xff".to_vec())];
-        plan.record(b"dev/null \"x\"", &r).unwrap();
+        plan.record(b"dev/null \"x\"", &r, None).unwrap();
         let v = dir.join("v0");
         assert_eq!(fs::read(&v).unwrap(), b"\0\xff");
         let text = String::from_utf8(plan.script.text().to_vec()).unwrap();
@@ -864,7 +912,7 @@ mod tests {
         let mut big = rec(NodeKind::File);
         big.uid = u64::from(u32::MAX);
         assert!(matches!(
-            plan.record(b"f", &big),
+            plan.record(b"f", &big, None),
             Err(Ext4Error::Entry {
                 problem: EntryProblem::IdTooLarge { which: "uid", .. },
                 ..
@@ -875,7 +923,7 @@ mod tests {
             minor: 0,
         });
         assert!(matches!(
-            plan.record(b"b", &dev),
+            plan.record(b"b", &dev, None),
             Err(Ext4Error::Entry {
                 problem: EntryProblem::DeviceNumber {
                     major: 5000,
@@ -886,9 +934,40 @@ mod tests {
         ));
         let mut bad_x = rec(NodeKind::File);
         bad_x.xattrs = vec![(b"system.nfs4_acl".to_vec(), b"v".to_vec())];
-        assert!(plan.record(b"f", &bad_x).is_err());
-        let e = plan.record(b"a\nb", &rec(NodeKind::File)).unwrap_err();
+        assert!(plan.record(b"f", &bad_x, None).is_err());
+        let e = plan
+            .record(b"a\nb", &rec(NodeKind::File), None)
+            .unwrap_err();
         assert!(e.to_string().contains("/a\\nb"), "{e}");
+        // With what mkfs copied, only the differing fields are set; a
+        // device node always gets all of them.
+        let mut plan = Plan {
+            script: Script::default(),
+            values_dir: &dir,
+            stats: RootfsStats::default(),
+        };
+        let mut r = rec(NodeKind::File);
+        r.uid = 1000;
+        r.mtime = 5;
+        let host = HostMeta {
+            uid: 0,
+            gid: 0,
+            mode: 0o104755,
+            mtime: 5,
+        };
+        plan.record(b"f", &r, Some(host)).unwrap();
+        assert_eq!(plan.script.text(), b"set_inode_field \"/f\" uid 1000\n");
+        r.mtime = 4_102_444_800;
+        let host = HostMeta {
+            mtime: 4_102_444_800,
+            uid: 1000,
+            ..host
+        };
+        plan.record(b"g", &r, Some(host)).unwrap();
+        assert_eq!(plan.script.lines(), 3, "times after 2038 are always set");
+        plan.record(b"n", &rec(NodeKind::Fifo), Some(HostMeta::default()))
+            .unwrap();
+        assert_eq!(plan.script.lines(), 3 + 3 + 5, "cd, rm, mknod, all fields");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

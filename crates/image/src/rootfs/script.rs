@@ -106,6 +106,21 @@ impl Script {
     }
 }
 
+/// Room a path leaves on its longest `set_inode_field` line
+/// (`set_inode_field "PATH" mtime_extra 4294967295\n`), with margin.
+const SIF_OVERHEAD: usize = 64;
+
+/// Checks that every command about `path` can be written, whether or not
+/// the builder ends up needing one (so the result does not depend on the
+/// host user running the build).
+pub fn check_path(path: &[u8]) -> Result<(), Ext4Error> {
+    let q = quote(&abs(path)).ok_or_else(|| entry(path, EntryProblem::Unexpressible))?;
+    if q.len() + SIF_OVERHEAD > MAX_LINE {
+        return Err(entry(path, EntryProblem::LineTooLong { max: MAX_LINE }));
+    }
+    Ok(())
+}
+
 /// The error for image path `path` (canonical form).
 pub fn entry(path: &[u8], problem: EntryProblem) -> Ext4Error {
     Ext4Error::Entry {
@@ -225,6 +240,15 @@ mod tests {
             }
         ));
         assert_eq!(s.text(), b"set_inode_field \"/a b\" uid 0\n");
+    }
+
+    #[test]
+    fn path_checks() {
+        check_path(b"a b\"c").unwrap();
+        assert!(check_path(b"a\nb").is_err());
+        assert!(check_path(b"a\rb").is_err());
+        check_path(&[b'x'; 4096]).unwrap();
+        assert!(check_path(&[b'"'; 4096]).is_err(), "8 KiB once quoted");
     }
 
     #[test]
