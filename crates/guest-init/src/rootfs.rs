@@ -337,6 +337,97 @@ mod tests {
         );
     }
 
+    /// Set in the child process of [`overlay_on_the_host`].
+    const CHILD_ENV: &str = "LOCALD_INIT_OVERLAY_CHILD";
+
+    /// [`mount_overlay`] for real on the host kernel: root, `unshare -m`
+    /// and overlayfs needed. The work happens in [`overlay_child`], run
+    /// by this test in a private mount namespace, chrooted into a tmpfs
+    /// (so the fixed `/.overlay/…` paths are not the host's).
+    #[test]
+    fn overlay_on_the_host() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            crate::test_support::skip(crate::test_support::Why::NotRoot("mount"));
+            return;
+        }
+        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !fs
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some("overlay"))
+        {
+            crate::test_support::skip(crate::test_support::Why::HostLacks("overlayfs"));
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("locald-init-overlay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private"])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "rootfs::tests::overlay_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, &dir)
+            .output()
+            .expect("unshare (util-linux)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "{text}");
+    }
+
+    /// The child of [`overlay_on_the_host`] (a no-op on its own).
+    #[test]
+    fn overlay_child() {
+        let Some(dir) = std::env::var_os(CHILD_ENV) else {
+            return;
+        };
+        let c = |p: &std::ffi::OsStr| CString::new(p.as_encoded_bytes()).unwrap();
+        let dir = c(&dir);
+        mount(c"tmpfs", &dir, c"tmpfs", 0, None).unwrap();
+        // SAFETY: valid paths; this process runs in its own mount namespace.
+        unsafe {
+            assert_eq!(libc::chroot(dir.as_ptr()), 0);
+            assert_eq!(libc::chdir(c"/".as_ptr()), 0);
+        }
+        for d in [NEW_ROOT, OVERLAY_DIR, OVERLAY_LOWER, OVERLAY_RW] {
+            mkdir_quiet(d).unwrap();
+        }
+        // The "disk": a tmpfs with a file, root mode 0751 owned by 5:6.
+        mount(
+            c"tmpfs",
+            OVERLAY_LOWER,
+            c"tmpfs",
+            0,
+            Some(c"mode=0751,uid=5,gid=6"),
+        )
+        .unwrap();
+        std::fs::write("/.overlay/lower/base", b"base").unwrap();
+        // Read-only, as the disk of `ro+overlay` is.
+        mount(
+            c"none",
+            OVERLAY_LOWER,
+            c"tmpfs",
+            libc::MS_REMOUNT | libc::MS_RDONLY,
+            None,
+        )
+        .unwrap();
+        mount_overlay().unwrap();
+        assert_eq!(std::fs::read("/newroot/base").unwrap(), b"base");
+        std::fs::write("/newroot/new", b"new").unwrap();
+        std::fs::write("/newroot/base", b"changed").unwrap();
+        assert_eq!(std::fs::read("/.overlay/lower/base").unwrap(), b"base");
+        assert!(!std::path::Path::new("/.overlay/lower/new").exists());
+        assert_eq!(std::fs::read("/.overlay/rw/upper/new").unwrap(), b"new");
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata("/newroot").unwrap();
+        assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o751, 5, 6));
+    }
+
     #[test]
     fn paths_under_new_root() {
         assert_eq!(join(NEW_ROOT, c"/dev").as_bytes(), b"/newroot/dev");
