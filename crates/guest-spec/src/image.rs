@@ -205,7 +205,12 @@ mod tests {
             Some("0:wheel"),
             Some("ünï"),
         ];
-        let hosts = [None, Some("a"), Some("my-host.example"), Some(&"h".repeat(64))];
+        let hosts = [
+            None,
+            Some("a"),
+            Some("my-host.example"),
+            Some(&"h".repeat(64)),
+        ];
         for u in users {
             for h in hosts {
                 for r in [false, true] {
@@ -227,8 +232,14 @@ mod tests {
             (b"user\0", ImageError::NoEquals("user".into())),
             (b"color=red\0", ImageError::UnknownKey("color".into())),
             (b"user=a\0user=b\0", ImageError::Duplicate("user".into())),
-            (b"resolv=1\0resolv=1\0", ImageError::Duplicate("resolv".into())),
-            (b"hostname=a\0hostname=a\0", ImageError::Duplicate("hostname".into())),
+            (
+                b"resolv=1\0resolv=1\0",
+                ImageError::Duplicate("resolv".into()),
+            ),
+            (
+                b"hostname=a\0hostname=a\0",
+                ImageError::Duplicate("hostname".into()),
+            ),
             (b"user=\0", ImageError::BadUser("".into())),
             (b"user=a:b:c\0", ImageError::BadUser("a:b:c".into())),
             (b"user=:0\0", ImageError::BadUser(":0".into())),

@@ -294,7 +294,11 @@ fn root_mode_overlay() {
     ] {
         let data = format!("/dev/vda\0ext4\0{mode}\0");
         let spec = RootSpec::decode(data.as_bytes()).unwrap();
-        assert_eq!((spec.read_only, spec.overlay), (read_only, overlay), "{mode}");
+        assert_eq!(
+            (spec.read_only, spec.overlay),
+            (read_only, overlay),
+            "{mode}"
+        );
         assert_eq!(spec.encode(), data.as_bytes(), "byte-exact re-encoding");
     }
 }
@@ -319,7 +323,13 @@ fn garbage_is_an_error() {
             .to_string(),
         "MODE for /dev/vda must be 'rw' or 'ro', optionally followed by '+overlay', got 'rx'"
     );
-    for bad in [&b"overlay"[..], b"+overlay", b"ro+", b"ro+overlay+overlay", b"ro+Overlay"] {
+    for bad in [
+        &b"overlay"[..],
+        b"+overlay",
+        b"ro+",
+        b"ro+overlay+overlay",
+        b"ro+Overlay",
+    ] {
         let mut data = b"/dev/vda\0ext4\0".to_vec();
         data.extend_from_slice(bad);
         data.push(0);
