@@ -3,7 +3,8 @@
 //! Single-threaded. Boot sequence: report "userspace reached" on the exit
 //! port, mount the pseudo filesystems, set the hostname, bring up `lo`, read
 //! the command spec from `/.locald/`, configure `eth0` (`net`), switch to a
-//! root disk if the spec names one (`rootfs`), mount the virtio-fs shares
+//! root disk if the spec names one (`rootfs`; `+overlay` for OCI images),
+//! apply the image's user and hostname (`image`), mount the virtio-fs shares
 //! (`shares`), set up Rosetta if asked (`rosetta`), spawn the command (one `posix_spawn`, no shell) with the
 //! console as stdio, reap children until it exits, make the disks' data
 //! durable (`shutdown`), then report its exit code through port `0xf4`,
@@ -25,6 +26,7 @@
 mod agent;
 mod console;
 mod forward;
+mod image;
 mod mounts;
 mod net;
 mod port;
@@ -40,6 +42,7 @@ mod sys;
 #[cfg(test)]
 #[path = "../../locald-vmm/src/test_support.rs"]
 mod test_support;
+mod user;
 mod vector;
 
 use std::ffi::{CString, OsStr};
@@ -145,6 +148,13 @@ fn run(port: ExitPort) -> Ending {
         }
     };
     let rosetta = rosetta::read(Path::new(spec::SPEC_DIR));
+    let image = match image::read(Path::new(spec::SPEC_DIR)) {
+        Ok(i) => i,
+        Err((what, e)) => {
+            console::error(what, e);
+            return Ending::Exit(CODE_INIT_FAILURE);
+        }
+    };
     // eth0 from /.locald/net, while busybox is still reachable.
     let resolv = net::configure(Path::new(spec::SPEC_DIR));
     if let Some(root) = &spec.root {
@@ -152,11 +162,26 @@ fn run(port: ExitPort) -> Ending {
             console::error(what, e);
             return Ending::Exit(CODE_INIT_FAILURE);
         }
-        // The DNS servers went to the initramfs' /etc: tell the new root.
-        if let Some(text) = &resolv {
+        // The DNS servers went to the initramfs' /etc: tell the new root
+        // (an image root only when its spec asks).
+        if let Some(text) = resolv
+            .as_ref()
+            .filter(|_| image.as_ref().is_none_or(|i| i.spec.resolv))
+        {
             net::install_resolv_conf(text);
         }
     }
+    // The image's hostname and user, from its own /etc.
+    let creds = match &image {
+        Some(i) => match image::apply(i, Path::new("/"), &mut spec.env) {
+            Ok(c) => Some(c),
+            Err((what, e)) => {
+                console::error(what, e);
+                return Ending::Exit(CODE_INIT_FAILURE);
+            }
+        },
+        None => None,
+    };
     for share in &shares {
         if let Err(e) = shares::mount(share) {
             console::error(
@@ -216,7 +241,11 @@ fn run(port: ExitPort) -> Ending {
     };
 
     port.marker(Marker::CommandStarted);
-    let pid = match spawn::spawn(&path, &argv, &spec.envp(), stdio) {
+    let spawned = match &creds {
+        Some(c) => spawn::spawn_as(&path, &argv, &spec.envp(), stdio, c),
+        None => spawn::spawn(&path, &argv, &spec.envp(), stdio),
+    };
+    let pid = match spawned {
         Ok(pid) => pid,
         Err(e) => return spawn_failed(port, &display, e.raw_os_error().unwrap_or(libc::EINVAL)),
     };

@@ -10,6 +10,14 @@
 //! async-signal-safety concerns. The child gets an empty mask and default
 //! dispositions (`SIGPIPE` included, in case a Rust runtime ignored it: init
 //! itself is `no_main` and leaves it alone).
+//!
+//! Running as another user (an OCI image's `User`, [`spawn_as`]):
+//! `posix_spawn` cannot change credentials, so that path uses `fork` and,
+//! in the child, only async-signal-safe calls: the same stdio and signal
+//! setup, then `setgroups`, `setgid`, `setuid` (in that order: after
+//! `setuid` the others are no longer permitted) and `execve`. An exec
+//! failure is reported through a close-on-exec pipe, so the caller gets
+//! the `errno` as with `posix_spawn`.
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
@@ -240,6 +248,121 @@ impl Drop for SpawnSetup {
             libc::posix_spawn_file_actions_destroy(&mut self.actions);
         }
     }
+}
+
+/// Whom [`spawn_as`] runs the command as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (empty: none).
+    pub groups: Vec<u32>,
+}
+
+/// Spawns `path` with `argv`/`envp` as `creds` (see the module docs); the
+/// same contract as [`spawn`]. `creds` of root with no groups is still a
+/// switch (it drops init's supplementary groups, which are none).
+pub fn spawn_as(
+    path: &Path,
+    argv: &[CString],
+    envp: &[CString],
+    stdio: Stdio<'_>,
+    creds: &Creds,
+) -> io::Result<libc::pid_t> {
+    // Everything the child needs is prepared before fork: no allocation
+    // after it.
+    let cpath = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+    let groups: Vec<libc::gid_t> = creds.groups.clone();
+    let empty = sigset(&[]);
+    let mut defaults: Vec<libc::c_int> = SUPERVISED_SIGNALS.to_vec();
+    defaults.push(libc::SIGPIPE);
+    let tty = match stdio {
+        Stdio::ControllingTty(t) => Some(t),
+        Stdio::Inherit => None,
+    };
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: valid out array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (rd, wr) = (fds[0], fds[1]);
+    // SAFETY: init is single-threaded, so the child is a full copy with no
+    // lock held by another thread; the child only makes raw syscalls on
+    // data prepared above and ends in execve or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls only, on valid prepared data.
+        unsafe {
+            libc::close(rd);
+            let fail = |wr: libc::c_int| -> ! {
+                // Reads errno; an Os error holds no allocation.
+                let errno = io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EINVAL);
+                let b = errno.to_ne_bytes();
+                libc::write(wr, b.as_ptr().cast(), b.len());
+                libc::_exit(127)
+            };
+            if let Some(t) = tty {
+                if libc::setsid() < 0 {
+                    fail(wr);
+                }
+                libc::close(0);
+                if libc::open(t.as_ptr(), libc::O_RDWR) != 0
+                    || libc::dup2(0, 1) < 0
+                    || libc::dup2(0, 2) < 0
+                {
+                    fail(wr);
+                }
+            }
+            for &s in &defaults {
+                libc::signal(s, libc::SIG_DFL);
+            }
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(creds.gid) != 0
+                || libc::setuid(creds.uid) != 0
+            {
+                fail(wr);
+            }
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            libc::execve(cpath.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
+            fail(wr);
+        }
+    }
+    // SAFETY: closing our copy of the write end.
+    unsafe { libc::close(wr) };
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: closing the read end we own.
+        unsafe { libc::close(rd) };
+        return Err(e);
+    }
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: reading into the unfilled part of `buf`.
+        let n = unsafe { libc::read(rd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n > 0 {
+            got += n as usize;
+        } else if n == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            break;
+        }
+    }
+    // SAFETY: closing the read end we own.
+    unsafe { libc::close(rd) };
+    if got == buf.len() {
+        // The child failed before or at execve: reap it, report its errno.
+        let mut status = 0;
+        // SAFETY: our own child; valid out pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)));
+    }
+    Ok(pid)
 }
 
 /// Spawns `path` with `argv`/`envp`. On failure returns the exec `errno`
@@ -478,6 +601,53 @@ mod tests {
         );
         assert_ne!(stat[6], "0", "has a controlling tty: {out}");
         assert_eq!(lines.next().map(str::trim), Some("TTY"), "{out}");
+    }
+
+    #[test]
+    fn spawn_as_other_user() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            crate::test_support::skip(crate::test_support::Why::NotRoot("setuid/setgid"));
+            return;
+        }
+        let sh = |script: &str| {
+            [
+                CString::new("sh").unwrap(),
+                CString::new("-c").unwrap(),
+                CString::new(script).unwrap(),
+            ]
+        };
+        let creds = Creds {
+            uid: 1234,
+            gid: 2345,
+            groups: vec![3456, 4567],
+        };
+        let argv = sh(
+            r#"[ "$(id -u)" = 1234 ] && [ "$(id -g)" = 2345 ] && [ "$(id -G)" = "2345 3456 4567" ] && [ "$HOME" = /home/x ]"#,
+        );
+        let env = [CString::new("HOME=/home/x").unwrap()];
+        let pid = spawn_as(Path::new("/bin/sh"), &argv, &env, Stdio::Inherit, &creds).unwrap();
+        let mut status = 0;
+        // SAFETY: valid out pointer, our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert_eq!(code_from_wait_status(status), 0, "id checks failed");
+        // No supplementary groups at all.
+        let none = Creds {
+            groups: vec![],
+            ..creds.clone()
+        };
+        let argv = sh(r#"[ "$(id -G)" = 2345 ] && exit 9"#);
+        let pid = spawn_as(Path::new("/bin/sh"), &argv, &[], Stdio::Inherit, &none).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert_eq!(code_from_wait_status(status), 9);
+        // Exec failures come back as errno, like posix_spawn.
+        let err = spawn_as(Path::new("/no/such"), &argv, &[], Stdio::Inherit, &creds).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        // /etc/passwd is not executable (and as uid 1234, /root/x is out of reach).
+        let err =
+            spawn_as(Path::new("/etc/passwd"), &argv, &[], Stdio::Inherit, &creds).unwrap_err();
+        assert_eq!(code_from_spawn_errno(err.raw_os_error().unwrap()), 126);
     }
 
     #[test]

@@ -252,7 +252,8 @@ mod tests {
             Some(RootSpec {
                 device: b"/dev/vda".to_vec(),
                 fstype: b"ext4".to_vec(),
-                read_only: true
+                read_only: true,
+                overlay: false,
             })
         );
         std::fs::write(dir.join("root"), b"/dev/vda\0ext4\0rx\0").unwrap();
@@ -260,7 +261,7 @@ mod tests {
         assert_eq!(
             crate::console::format(&what, &e),
             format!(
-                "locald-init: bad {}: MODE for /dev/vda must be 'rw' or 'ro', got 'rx'\n",
+                "locald-init: bad {}: MODE for /dev/vda must be 'rw' or 'ro', optionally followed by '+overlay', got 'rx'\n",
                 dir.join("root").display()
             )
         );

@@ -14,8 +14,9 @@
 //! | `agent` | [`AGENT_CONTENT`] | presence only (agent mode) |
 //! | `shares` | [`shares`], [`ShareSpec`] | `TAG\0PATH\0MODE\0` per share |
 //! | `net` | [`NetSpec`] | `KEY=VALUE` lines |
-//! | `root` | [`RootSpec`] | `DEVICE\0FSTYPE\0MODE\0` |
+//! | `root` | [`RootSpec`] | `DEVICE\0FSTYPE\0MODE\0` (`MODE` may end in `+overlay`) |
 //! | `rosetta` | [`RosettaSpec`] | a virtio-fs tag, no terminator |
+//! | `image` | [`ImageSpec`] | NUL-terminated `KEY=VALUE` (`user`, `hostname`, `resolv`) |
 //!
 //! Every decoder takes untrusted bytes and returns a typed error (or, for
 //! `argv`, `env` and `workdir`, which accept any bytes, a value); none
@@ -31,6 +32,7 @@ mod fields;
 pub mod argv;
 pub mod env;
 pub mod exit_line;
+pub mod image;
 pub mod net;
 pub mod root;
 pub mod rosetta;
@@ -41,6 +43,7 @@ pub mod workdir;
 mod tests;
 
 pub use fields::split_nul;
+pub use image::{ImageError, ImageSpec};
 pub use net::{NetError, NetMode, NetSpec};
 pub use root::{RootError, RootSpec};
 pub use rosetta::{RosettaError, RosettaSpec};
@@ -76,11 +79,13 @@ pub enum SpecFile {
     Root,
     /// Rosetta share tag.
     Rosetta,
+    /// OCI image configuration applied in the guest.
+    Image,
 }
 
 impl SpecFile {
     /// Every spec file, in archive order.
-    pub const ALL: [SpecFile; 8] = [
+    pub const ALL: [SpecFile; 9] = [
         Self::Argv,
         Self::Env,
         Self::Workdir,
@@ -89,6 +94,7 @@ impl SpecFile {
         Self::Net,
         Self::Root,
         Self::Rosetta,
+        Self::Image,
     ];
 
     /// File name inside [`SPEC_DIR`], e.g. `argv`.
@@ -102,6 +108,7 @@ impl SpecFile {
             Self::Net => "net",
             Self::Root => "root",
             Self::Rosetta => "rosetta",
+            Self::Image => "image",
         }
     }
 
@@ -116,6 +123,7 @@ impl SpecFile {
             Self::Net => ".locald/net",
             Self::Root => ".locald/root",
             Self::Rosetta => ".locald/rosetta",
+            Self::Image => ".locald/image",
         }
     }
 
@@ -130,6 +138,7 @@ impl SpecFile {
             Self::Net => "/.locald/net",
             Self::Root => "/.locald/root",
             Self::Rosetta => "/.locald/rosetta",
+            Self::Image => "/.locald/image",
         }
     }
 
@@ -168,6 +177,8 @@ pub struct CommandSpec {
     pub root: Option<RootSpec>,
     /// Rosetta share to mount and register for x86-64 binaries.
     pub rosetta: Option<RosettaSpec>,
+    /// The root is an OCI image: its user, hostname and `resolv.conf`.
+    pub image: Option<ImageSpec>,
 }
 
 /// Why a spec file was rejected: the file and its own error.
@@ -181,6 +192,8 @@ pub enum SpecError {
     Root(RootError),
     /// `/.locald/rosetta`.
     Rosetta(RosettaError),
+    /// `/.locald/image`.
+    Image(ImageError),
 }
 
 impl SpecError {
@@ -191,6 +204,7 @@ impl SpecError {
             Self::Net(_) => SpecFile::Net,
             Self::Root(_) => SpecFile::Root,
             Self::Rosetta(_) => SpecFile::Rosetta,
+            Self::Image(_) => SpecFile::Image,
         }
     }
 
@@ -200,6 +214,7 @@ impl SpecError {
             Self::Net(e) => e,
             Self::Root(e) => e,
             Self::Rosetta(e) => e,
+            Self::Image(e) => e,
         }
     }
 }
@@ -219,7 +234,8 @@ impl std::error::Error for SpecError {
 impl CommandSpec {
     /// The spec files for this run, in archive order: `argv` and `env`
     /// only when non-empty, `agent` only in agent mode, `shares` only when
-    /// there are shares, the others when `Some`. All with [`FILE_MODE`];
+    /// there are shares, the others when `Some` (`image` even when its
+    /// content is empty: its presence means "image root"). All with [`FILE_MODE`];
     /// the archive must also hold the directory [`ARCHIVE_DIR`].
     pub fn files(&self) -> Vec<ArchiveFile> {
         let mut out = Vec::new();
@@ -248,6 +264,9 @@ impl CommandSpec {
         if let Some(r) = &self.rosetta {
             add(SpecFile::Rosetta, r.encode());
         }
+        if let Some(i) = &self.image {
+            add(SpecFile::Image, i.encode());
+        }
         out
     }
 
@@ -274,6 +293,9 @@ impl CommandSpec {
                 }
                 SpecFile::Rosetta => {
                     spec.rosetta = Some(RosettaSpec::decode(data).map_err(SpecError::Rosetta)?)
+                }
+                SpecFile::Image => {
+                    spec.image = Some(ImageSpec::decode(data).map_err(SpecError::Image)?)
                 }
             }
         }

@@ -2,7 +2,12 @@
 //! `DEVICE\0FSTYPE\0MODE\0`, e.g. `/dev/vda\0ext4\0rw\0`. Pure functions,
 //! any thread.
 //!
-//! `MODE` is exactly `rw` or `ro` (no newline). `DEVICE` and `FSTYPE` must
+//! `MODE` is exactly `rw`, `ro`, `ro+overlay` or `rw+overlay` (no
+//! newline). `+overlay`: the disk is the lower layer of an overlay whose
+//! upper layer is a tmpfs, and the overlay becomes `/` (each VM gets its
+//! own writable view of a shared, cached image; `ro+overlay` is what
+//! `run --image` uses). Files without `+overlay` are byte-for-byte those of
+//! before the flag existed. `DEVICE` and `FSTYPE` must
 //! be non-empty and are otherwise raw bytes: non-UTF-8 is accepted and
 //! handed to `mount(2)` unchanged. The last NUL may be missing; any other
 //! field count (a doubled final NUL included) is an error.
@@ -16,9 +21,15 @@ pub struct RootSpec {
     pub device: Vec<u8>,
     /// Filesystem type for `mount(2)`, e.g. `ext4`.
     pub fstype: Vec<u8>,
-    /// Mount read-only (`MODE` = `ro`).
+    /// Mount the disk read-only (`MODE` = `ro` or `ro+overlay`).
     pub read_only: bool,
+    /// Mount the disk as the lower layer of an overlay with a tmpfs upper
+    /// layer, and make the overlay `/` (`MODE` ends in `+overlay`).
+    pub overlay: bool,
 }
+
+/// The `MODE` suffix that asks for an overlay root.
+pub const OVERLAY_SUFFIX: &[u8] = b"+overlay";
 
 /// Why `/.locald/root` was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +40,8 @@ pub enum RootError {
     EmptyDevice,
     /// `FSTYPE` is empty (for the named device).
     EmptyFstype(String),
-    /// `MODE` is neither `rw` nor `ro` (device, mode as found).
+    /// `MODE` is not `rw` or `ro`, optionally followed by `+overlay`
+    /// (device, mode as found).
     BadMode(String, String),
 }
 
@@ -43,7 +55,10 @@ impl std::fmt::Display for RootError {
             Self::EmptyDevice => write!(f, "empty DEVICE"),
             Self::EmptyFstype(dev) => write!(f, "empty FSTYPE for {dev}"),
             Self::BadMode(dev, mode) => {
-                write!(f, "MODE for {dev} must be 'rw' or 'ro', got '{mode}'")
+                write!(
+                    f,
+                    "MODE for {dev} must be 'rw' or 'ro', optionally followed by '+overlay', got '{mode}'"
+                )
             }
         }
     }
@@ -57,7 +72,11 @@ impl RootSpec {
         let mut out = Vec::new();
         push_field(&mut out, &self.device);
         push_field(&mut out, &self.fstype);
-        push_field(&mut out, mode_field(self.read_only));
+        let mut mode = mode_field(self.read_only).to_vec();
+        if self.overlay {
+            mode.extend_from_slice(OVERLAY_SUFFIX);
+        }
+        push_field(&mut out, &mode);
         out
     }
 
@@ -73,12 +92,17 @@ impl RootSpec {
         if fstype.is_empty() {
             return Err(RootError::EmptyFstype(lossy(device)));
         }
+        let (base, overlay) = match mode.strip_suffix(OVERLAY_SUFFIX) {
+            Some(base) => (base, true),
+            None => (mode, false),
+        };
         let read_only =
-            parse_mode(mode).ok_or_else(|| RootError::BadMode(lossy(device), lossy(mode)))?;
+            parse_mode(base).ok_or_else(|| RootError::BadMode(lossy(device), lossy(mode)))?;
         Ok(RootSpec {
             device: device.to_vec(),
             fstype: fstype.to_vec(),
             read_only,
+            overlay,
         })
     }
 }

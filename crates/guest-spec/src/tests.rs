@@ -63,8 +63,14 @@ fn full() -> CommandSpec {
             device: b("/dev/vda"),
             fstype: b("ext4"),
             read_only: true,
+            overlay: false,
         }),
         rosetta: Some(RosettaSpec { tag: b("rosetta") }),
+        image: Some(ImageSpec {
+            user: Some(b("app:app")),
+            hostname: Some(b("web")),
+            resolv: true,
+        }),
     }
 }
 
@@ -89,6 +95,10 @@ fn byte_exact_formats() {
     assert_eq!(get(SpecFile::Net), b"mac=02:00:00:00:00:01\nmode=dhcp\n");
     assert_eq!(get(SpecFile::Root), b"/dev/vda\0ext4\0ro\0");
     assert_eq!(get(SpecFile::Rosetta), b"rosetta");
+    assert_eq!(
+        get(SpecFile::Image),
+        b"user=app:app\0hostname=web\0resolv=1\0"
+    );
     // Archive order is SpecFile::ALL order.
     let order: Vec<&str> = files.iter().map(|f| f.0).collect();
     let all: Vec<&str> = SpecFile::ALL.iter().map(|f| f.archive_path()).collect();
@@ -140,6 +150,7 @@ fn round_trips() {
                 device: b("/dev/disk/by-label/été"),
                 fstype: b("ext4"),
                 read_only: false,
+                overlay: false,
             }),
             ..Default::default()
         },
@@ -150,6 +161,7 @@ fn round_trips() {
                 device: vec![b'/', 0xe9],
                 fstype: vec![b'x', 0xff],
                 read_only: true,
+                overlay: true,
             }),
             ..Default::default()
         },
@@ -207,6 +219,7 @@ fn nul_is_cut_and_empty_workdir_is_none() {
             device: b("/dev/vda\0junk"),
             fstype: b("ext4\0"),
             read_only: false,
+            overlay: true,
         }),
         rosetta: Some(RosettaSpec {
             tag: b("rosetta\0x"),
@@ -271,6 +284,26 @@ fn lenient_decoders() {
 }
 
 #[test]
+fn root_mode_overlay() {
+    // Old files decode as before, with no overlay.
+    for (mode, read_only, overlay) in [
+        ("rw", false, false),
+        ("ro", true, false),
+        ("ro+overlay", true, true),
+        ("rw+overlay", false, true),
+    ] {
+        let data = format!("/dev/vda\0ext4\0{mode}\0");
+        let spec = RootSpec::decode(data.as_bytes()).unwrap();
+        assert_eq!(
+            (spec.read_only, spec.overlay),
+            (read_only, overlay),
+            "{mode}"
+        );
+        assert_eq!(spec.encode(), data.as_bytes(), "byte-exact re-encoding");
+    }
+}
+
+#[test]
 fn garbage_is_an_error() {
     use RootError as R;
     assert_eq!(RootSpec::decode(b""), Err(R::FieldCount(0)));
@@ -288,8 +321,23 @@ fn garbage_is_an_error() {
         RootSpec::decode(b"/dev/vda\0ext4\0rx\0")
             .unwrap_err()
             .to_string(),
-        "MODE for /dev/vda must be 'rw' or 'ro', got 'rx'"
+        "MODE for /dev/vda must be 'rw' or 'ro', optionally followed by '+overlay', got 'rx'"
     );
+    for bad in [
+        &b"overlay"[..],
+        b"+overlay",
+        b"ro+",
+        b"ro+overlay+overlay",
+        b"ro+Overlay",
+    ] {
+        let mut data = b"/dev/vda\0ext4\0".to_vec();
+        data.extend_from_slice(bad);
+        data.push(0);
+        assert!(
+            matches!(RootSpec::decode(&data), Err(R::BadMode(..))),
+            "{bad:?}"
+        );
+    }
 
     use SharesError as S;
     assert_eq!(shares::decode(b"t\0/x\0"), Err(S::FieldCount(2)));
@@ -346,7 +394,7 @@ fn garbage_is_an_error() {
     assert_eq!(e.file(), SpecFile::Root);
     assert_eq!(
         e.to_string(),
-        "bad /.locald/root: MODE for /dev/vda must be 'rw' or 'ro', got 'rx'"
+        "bad /.locald/root: MODE for /dev/vda must be 'rw' or 'ro', optionally followed by '+overlay', got 'rx'"
     );
     assert!(std::error::Error::source(&e).is_some());
 }
@@ -445,6 +493,7 @@ impl Rng {
             device: self.nonempty(10),
             fstype: self.nonempty(6),
             read_only: self.coin(),
+            overlay: self.coin(),
         });
         let rosetta = self.coin().then(|| {
             let mut tag = self.nonempty(rosetta::MAX_TAG_LEN);
@@ -462,6 +511,11 @@ impl Rng {
             net,
             root,
             rosetta,
+            image: self.coin().then(|| ImageSpec {
+                user: self.coin().then(|| b("1000:1000")),
+                hostname: self.coin().then(|| b("h")),
+                resolv: self.coin(),
+            }),
         }
     }
 }

@@ -3,7 +3,8 @@
 //! ([`registry`]) and local layouts and archives ([`local`]), with image
 //! references parsed as docker does ([`reference`])), and the layer
 //! unpacker ([`unpack`]), which stages an image's root filesystem on the
-//! host plus a metadata table for the ext4 builder. Library code only,
+//! host plus a metadata table, and the ext4 builder ([`rootfs`]), which
+//! turns both into a cached, read-only root disk. Library code only,
 //! run on the caller's thread (a registry pull drives its own
 //! current-thread tokio runtime on it). See `docs/oci-images.md`.
 
@@ -15,6 +16,7 @@ pub mod progress;
 pub mod pull;
 pub mod reference;
 pub mod registry;
+pub mod rootfs;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod unpack;

@@ -89,11 +89,15 @@ impl GuestCommand {
                 device: bytes(&r.device),
                 fstype: bytes(&r.fstype),
                 read_only: r.read_only,
+                // `run --image` (the lead's wiring) sets it.
+                overlay: false,
             }),
             rosetta: self
                 .rosetta
                 .as_deref()
                 .map(|t| RosettaSpec { tag: bytes(t) }),
+            // `run --image` (the lead's wiring) sets it.
+            image: None,
         }
     }
 }
