@@ -277,6 +277,7 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
             .collect::<Result<_, _>>()?,
         rootfs: match &args.rootfs {
             Some(r) => Some(RootfsConfig {
+                overlay: false,
                 disk: DiskConfig::parse(r)?,
                 fstype: args.rootfs_type.clone(),
             }),

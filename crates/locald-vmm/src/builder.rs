@@ -91,6 +91,7 @@ fn command_spec(config: &VmConfig, default_init: bool) -> Option<assets::GuestCo
         device: format!("/dev/{}", config::disk_name(0)),
         fstype: r.fstype.clone(),
         read_only: r.disk.read_only,
+        overlay: r.overlay,
     });
     // A network card on the default guest needs its `/.locald/net`.
     let net = config
@@ -115,7 +116,14 @@ fn command_spec(config: &VmConfig, default_init: bool) -> Option<assets::GuestCo
     };
     // Rosetta: the init mounts the framework's share and registers it.
     let rosetta = (config.rosetta && default_init).then(|| config::ROSETTA_TAG.to_string());
-    let needed = config.command.is_some()
+    // An image: what only the guest can apply from its configuration.
+    let image = config.image.as_ref().map(|_| assets::GuestImageRun {
+        user: config.user.clone(),
+        hostname: config.hostname.clone(),
+        resolv: config.net.is_some(),
+    });
+    let needed = image.is_some()
+        || config.command.is_some()
         || root.is_some()
         || config.agent
         || net.is_some()
@@ -130,6 +138,7 @@ fn command_spec(config: &VmConfig, default_init: bool) -> Option<assets::GuestCo
         net,
         shares,
         rosetta,
+        image,
     })
 }
 
@@ -190,6 +199,7 @@ mod tests {
             env: vec![("A".into(), "1".into())],
             workdir: Some("/w".into()),
             rootfs: Some(config::RootfsConfig {
+                overlay: false,
                 disk: config::DiskConfig {
                     read_only: true,
                     ..config::DiskConfig::new("/r.img")

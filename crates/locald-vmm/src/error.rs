@@ -20,6 +20,18 @@ pub enum ConfigError {
         backend: &'static str,
         hint: &'static str,
     },
+    #[error("image {image} is for {platform}, not linux/{guest} (pick the platform with --arch)")]
+    ImagePlatform {
+        image: String,
+        platform: String,
+        guest: crate::config::GuestArch,
+    },
+    #[error("--image and --rootfs both give the root filesystem: use one")]
+    ImageWithRootfs,
+    #[error("image {0} has no Entrypoint or Cmd: give a command after --")]
+    ImageNoCommand(String),
+    #[error("--user and --hostname apply to --image only")]
+    ImageOnly,
     #[error("this platform has no VM backend (KVM on Linux, Virtualization.framework on macOS)")]
     NoBackend,
     #[error("--cpus {0} is out of range: must be between 1 and {1}")]
@@ -104,6 +116,10 @@ pub enum Error {
     Run(String),
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
+    #[error(transparent)]
+    Image(#[from] locald_image::ImageError),
+    #[error("{0}")]
+    ImageRootfs(#[from] locald_image::rootfs::CachedError<locald_image::unpack::UnpackError>),
     /// The Virtualization.framework backend refused or failed.
     #[error(transparent)]
     Vz(#[from] crate::vz::VzError),

@@ -25,6 +25,7 @@ pub mod devices;
 pub mod error;
 pub mod hostdir;
 pub mod hybrid;
+pub mod image;
 pub mod instance;
 #[cfg(target_os = "linux")]
 pub mod kvm;
@@ -48,7 +49,7 @@ pub use cmdline::{
     COMPAT_DEFAULT_KERNEL_CMDLINE, DEFAULT_GUEST_CMDLINE,
 };
 pub use config::{
-    disk_name, CacheMode, ConsoleConfig, CpuCompat, DiskConfig, GuestArch, RootfsConfig,
+    disk_name, CacheMode, ConsoleConfig, CpuCompat, DiskConfig, GuestArch, ImageRun, RootfsConfig,
     SharedBuffer, VmConfig,
 };
 pub use devices::control::Marker;

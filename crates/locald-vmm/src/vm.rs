@@ -27,6 +27,7 @@ pub struct VirtualMachine {
     vsock_path: Option<PathBuf>,
     ready: Option<agent::ReadyListener>,
     agent_timeout: Duration,
+    image: Option<crate::image::PreparedImage>,
     // Dropped last: the sockets inside it go first.
     _runtime_dir: Option<RuntimeDir>,
 }
@@ -39,12 +40,24 @@ impl VirtualMachine {
         config.validate()?;
         Backend::check(&config)?;
         let mut config = config;
-        let mut image = GuestImage::resolve(&config)?;
+        let image = match config.image.clone() {
+            Some(run) => {
+                let mut progress = crate::image::TerminalProgress::new();
+                let img = crate::image::prepare(&run, config.arch, &mut progress)?;
+                crate::image::apply(&mut config, &img)?;
+                Some(img)
+            }
+            None if config.user.is_some() || config.hostname.is_some() => {
+                return Err(crate::error::ConfigError::ImageOnly.into())
+            }
+            None => None,
+        };
+        let mut guest = GuestImage::resolve(&config)?;
         let link = AgentLink::prepare(&mut config, Backend::NEEDS_RUNTIME_DIR)?;
         let control = Arc::new(VmControl::new());
         let backend = Backend::build(
             &config,
-            &mut image,
+            &mut guest,
             control.clone(),
             link.runtime_dir.as_ref(),
         )?;
@@ -55,15 +68,22 @@ impl VirtualMachine {
                 console: config.console,
                 timeout: config.timeout,
                 profile_hz: config.profile_hz,
-                system_map: image.system_map,
+                system_map: guest.system_map,
                 seccomp: config.seccomp,
             },
             ran: false,
             vsock_path: link.vsock_path,
             ready: link.ready,
             agent_timeout: config.agent_timeout,
+            image,
             _runtime_dir: link.runtime_dir,
         })
+    }
+
+    /// The OCI image this VM boots, if any (its configuration, e.g. the
+    /// exposed ports, and its root disk).
+    pub fn image(&self) -> Option<&crate::image::PreparedImage> {
+        self.image.as_ref()
     }
 
     /// The host socket of the VM's vsock device, if it has one.

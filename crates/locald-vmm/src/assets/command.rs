@@ -8,7 +8,7 @@
 //! builder. Runs on the caller's thread, before the VM is created.
 
 use locald_guest_spec::{
-    CommandSpec, NetSpec, RootSpec, RosettaSpec, ShareSpec, ARCHIVE_DIR, DIR_MODE,
+    CommandSpec, ImageSpec, NetSpec, RootSpec, RosettaSpec, ShareSpec, ARCHIVE_DIR, DIR_MODE,
 };
 
 use crate::cpio::{CpioBuilder, CpioError};
@@ -37,6 +37,20 @@ pub struct GuestCommand {
     /// `/.locald/rosetta`: the init mounts it at `/run/rosetta` and
     /// registers it with `binfmt_misc` for x86-64 binaries.
     pub rosetta: Option<String>,
+    /// An OCI image's run settings the guest applies, written to
+    /// `/.locald/image` (its presence marks the root as an image).
+    pub image: Option<GuestImageRun>,
+}
+
+/// What the guest applies from an OCI image's configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestImageRun {
+    /// Docker's `User` (`uid[:gid]` or names from the image's passwd/group).
+    pub user: Option<String>,
+    /// The guest's hostname.
+    pub hostname: Option<String>,
+    /// Write `/etc/resolv.conf` into the image's root (the VM has a network).
+    pub resolv: bool,
 }
 
 /// A virtio-fs share the guest init mounts (after the root switch), written
@@ -61,6 +75,9 @@ pub struct GuestRoot {
     pub fstype: String,
     /// Mount read-only.
     pub read_only: bool,
+    /// Mount it read-only under a tmpfs overlay: the guest may write, the
+    /// disk never changes (OCI image roots).
+    pub overlay: bool,
 }
 
 fn bytes(s: &str) -> Vec<u8> {
@@ -89,15 +106,17 @@ impl GuestCommand {
                 device: bytes(&r.device),
                 fstype: bytes(&r.fstype),
                 read_only: r.read_only,
-                // `run --image` (the lead's wiring) sets it.
-                overlay: false,
+                overlay: r.overlay,
             }),
             rosetta: self
                 .rosetta
                 .as_deref()
                 .map(|t| RosettaSpec { tag: bytes(t) }),
-            // `run --image` (the lead's wiring) sets it.
-            image: None,
+            image: self.image.as_ref().map(|i| ImageSpec {
+                user: i.user.as_deref().map(bytes),
+                hostname: i.hostname.as_deref().map(bytes),
+                resolv: i.resolv,
+            }),
         }
     }
 }
@@ -151,6 +170,7 @@ mod tests {
                 device: "/dev/vda".into(),
                 fstype: "ext4".into(),
                 read_only: true,
+                overlay: true,
             }),
             agent: true,
             net: Some(NetSpec {
@@ -170,6 +190,11 @@ mod tests {
                 },
             ],
             rosetta: Some("rosetta".into()),
+            image: Some(GuestImageRun {
+                user: Some("app:staff".into()),
+                hostname: Some("web".into()),
+                resolv: true,
+            }),
         };
         let a = command_archive(&cmd);
         assert_eq!(a.len() % 4, 0);
@@ -178,7 +203,11 @@ mod tests {
         assert_eq!(get(".locald/argv"), b"echo\0hello world\0\0a'b\"c$d\n\0");
         assert_eq!(get(".locald/env"), b"FOO=bar=baz\0EMPTY=\0");
         assert_eq!(get(".locald/workdir"), b"/srv/app");
-        assert_eq!(get(".locald/root"), b"/dev/vda\0ext4\0ro\0");
+        assert_eq!(get(".locald/root"), b"/dev/vda\0ext4\0ro+overlay\0");
+        assert_eq!(
+            get(".locald/image"),
+            b"user=app:staff\0hostname=web\0resolv=1\0"
+        );
         assert_eq!(get(".locald/agent"), b"1\n");
         assert_eq!(get(".locald/net"), b"mode=dhcp\n");
         assert_eq!(
@@ -192,7 +221,7 @@ mod tests {
             .iter()
             .filter_map(|p| Some((SpecFile::from_archive_path(&p.name)?, p.data.as_slice())))
             .collect();
-        assert_eq!(files.len(), 8);
+        assert_eq!(files.len(), 9);
         assert_eq!(CommandSpec::decode_files(files).unwrap(), cmd.to_spec());
 
         // Independent check with the host cpio.

@@ -44,7 +44,7 @@ use crate::cpio::{CpioBuilder, CpioError};
 
 mod command;
 mod rootfs;
-pub use command::{command_archive, GuestCommand, GuestRoot, GuestShare};
+pub use command::{command_archive, GuestCommand, GuestImageRun, GuestRoot, GuestShare};
 pub use rootfs::{build_rootfs, RootfsImage};
 
 include!(concat!(env!("OUT_DIR"), "/kernel_inputs.rs"));

@@ -240,6 +240,10 @@ pub struct RootfsConfig {
     pub disk: DiskConfig,
     /// Filesystem type passed to mount(2).
     pub fstype: String,
+    /// Mount the disk read-only under a tmpfs overlay, so the guest can
+    /// write to `/` while the disk never changes (OCI image roots; the
+    /// disk should then be read-only).
+    pub overlay: bool,
 }
 
 /// What to run in the VM.
@@ -309,6 +313,30 @@ pub struct VmConfig {
     /// framework's Rosetta share is attached and the guest init registers
     /// it with binfmt_misc. Other backends refuse it.
     pub rosetta: bool,
+    /// Boot an OCI image: pulled (or read from a local layout or archive)
+    /// into the image cache, unpacked into a cached ext4 root disk that is
+    /// attached read-only with a tmpfs overlay. Its configuration fills in
+    /// what the rest of this config leaves unset: the command (Entrypoint +
+    /// Cmd; a `command` replaces Cmd), environment (the image's first, then
+    /// `env`), working directory and user. See [`crate::image`].
+    pub image: Option<ImageRun>,
+    /// The user the command runs as (docker's `User`: `uid[:gid]` or names
+    /// from the root's `/etc/passwd` and `/etc/group`); with `image` only.
+    pub user: Option<String>,
+    /// The guest's hostname (with `image` only; default: the image's name).
+    pub hostname: Option<String>,
+}
+
+/// Which OCI image to boot, and how to fetch it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageRun {
+    /// A registry reference (`alpine`, `host:5000/app@sha256:…`), an OCI
+    /// layout directory, or a `docker save`/OCI archive tarball.
+    pub source: String,
+    /// Registries reached over plain HTTP besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    /// Never contact a registry: the image must be in the cache.
+    pub offline: bool,
 }
 
 impl Default for VmConfig {
@@ -338,6 +366,9 @@ impl Default for VmConfig {
             net: None,
             seccomp: true,
             rosetta: false,
+            image: None,
+            user: None,
+            hostname: None,
         }
     }
 }

@@ -841,6 +841,7 @@ mod tests {
         let data = t.file("a-very-long-image-file-name.img", b"");
         let cfg = VmConfig {
             rootfs: Some(RootfsConfig {
+                overlay: false,
                 disk: DiskConfig {
                     read_only: true,
                     ..DiskConfig::new(&root)
