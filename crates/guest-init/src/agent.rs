@@ -57,10 +57,12 @@ pub const MAX_FAST_FAILURES: u32 = 5;
 
 /// PID 1 in agent mode: start the listener, reap, restart it if it dies,
 /// until a power signal. [`spawn::block_signals`] must have been called.
-pub fn run(spec: &Spec) -> Ending {
+/// `user`: the default `(uid, gid)` of sessions (an OCI image's `User`).
+pub fn run(spec: &Spec, user: Option<(u32, u32)>) -> Ending {
     let ctx = Context {
         env: spec.env.clone(),
         power_pid: Some(1),
+        user,
     };
     let mut fast_failures = 0;
     loop {

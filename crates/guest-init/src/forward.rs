@@ -145,6 +145,7 @@ mod tests {
         let ctx = Context {
             env: Vec::new(),
             power_pid: None,
+            user: None,
         };
         let t = std::thread::spawn(move || serve_conn(OwnedFd::from(agent), &ctx));
         let mut host = host;

@@ -209,7 +209,7 @@ fn run(port: ExitPort) -> Ending {
         }
     }
     if spec.agent {
-        return agent::run(&spec);
+        return agent::run(&spec, creds.as_ref().map(|c| (c.uid, c.gid)));
     }
 
     let interactive = spec.argv.is_empty();

@@ -68,6 +68,10 @@ pub struct Context {
     /// Process that gets [`POWEROFF_SIGNAL`] on `Shutdown` (PID 1 in the
     /// guest; `None` ignores `Shutdown`).
     pub power_pid: Option<libc::pid_t>,
+    /// Default `(uid, gid)` of commands whose request names none: an OCI
+    /// image's `User`, resolved at boot (as `docker exec` runs as the
+    /// image's user). `None`: root.
+    pub user: Option<(u32, u32)>,
 }
 
 /// A refused request: the `Error` frame's code and message.
@@ -310,8 +314,8 @@ impl Command {
             argv,
             envp: spec::envp(&env),
             workdir,
-            uid: req.uid,
-            gid: req.gid,
+            uid: req.uid.or(ctx.user.map(|u| u.0)),
+            gid: req.gid.or(ctx.user.map(|u| u.1)),
             tty: req.tty,
         })
     }

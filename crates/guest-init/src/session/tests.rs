@@ -14,6 +14,7 @@ fn ctx() -> Context {
     Context {
         env: spec::parse_env(None),
         power_pid: None,
+        user: None,
     }
 }
 
@@ -471,6 +472,28 @@ fn tty_signal_and_host_close() {
 }
 
 #[test]
+fn the_image_user_is_the_default() {
+    if !crate::test_support::is_root() {
+        crate::test_support::skip(crate::test_support::Why::NotRoot("setuid/setgid"));
+        return;
+    }
+    let c = Context {
+        user: Some((1234, 5678)),
+        ..ctx()
+    };
+    let mut h = Host::connect(c.clone());
+    h.send(Frame::Exec(sh("id -u; id -g")));
+    assert_eq!(h.outcome().out(), "1234\n5678\n");
+    // A request's own ids win.
+    let mut r = sh("id -u; id -g");
+    r.uid = Some(0);
+    r.gid = Some(0);
+    let mut h = Host::connect(c);
+    h.send(Frame::Exec(r));
+    assert_eq!(h.outcome().out(), "0\n0\n");
+}
+
+#[test]
 fn uid_and_gid_are_applied() {
     if !crate::test_support::is_root() {
         crate::test_support::skip(crate::test_support::Why::NotRoot("setuid/setgid"));
@@ -509,6 +532,7 @@ fn shutdown_signals_the_power_process() {
     let c = Context {
         env: spec::parse_env(None),
         power_pid: Some(victim.id() as libc::pid_t),
+        user: None,
     };
     let mut h = Host::connect(c.clone());
     h.send(Frame::Shutdown);
