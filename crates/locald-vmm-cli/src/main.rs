@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+mod images;
 mod named;
 mod signals;
 
@@ -63,6 +64,13 @@ enum Command {
     Stop(named::StopArgs),
     /// List named VMs.
     Ps,
+    /// Pull an OCI image into the cache (registry, OCI layout or archive).
+    Pull(images::PullArgs),
+    /// List the cached OCI images with their sizes.
+    Images,
+    /// Remove cached images, or prune what no image uses.
+    #[command(subcommand)]
+    Image(images::ImageCmd),
     /// Internal: the background process of `start`.
     #[command(hide = true)]
     Serve(Box<named::StartArgs>),
@@ -125,6 +133,24 @@ pub(crate) struct RunArgs {
     /// Filesystem type of --rootfs.
     #[arg(long, value_name = "TYPE", default_value = "ext4")]
     rootfs_type: String,
+    /// Boot an OCI image: a registry reference (`alpine`,
+    /// `host:5000/app:tag`), an OCI layout directory, or a `docker save`/OCI
+    /// archive tarball. Pulled into the cache on first use; its Entrypoint,
+    /// Cmd, Env, WorkingDir and User apply (a command after `--` replaces
+    /// Cmd). The root is writable, and the cached image never changes.
+    #[arg(long, value_name = "IMAGE", conflicts_with = "rootfs")]
+    image: Option<String>,
+    /// Speak plain HTTP to this registry (HOST or HOST:PORT; loopback
+    /// registries always may). Repeatable.
+    #[arg(long, value_name = "HOST", requires = "image")]
+    insecure_registry: Vec<String>,
+    /// Run the command as this user (`uid[:gid]` or names from the image's
+    /// /etc/passwd and /etc/group); default: the image's User.
+    #[arg(long, value_name = "USER", requires = "image")]
+    user: Option<String>,
+    /// The guest's hostname (default: the image's name).
+    #[arg(long, value_name = "NAME", requires = "image")]
+    hostname: Option<String>,
     /// Do not attach the virtio entropy device.
     #[arg(long)]
     no_rng: bool,
@@ -293,6 +319,16 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
         },
         seccomp: !args.no_seccomp,
         rosetta: args.rosetta,
+        image: args
+            .image
+            .as_ref()
+            .map(|source| locald_vmm::config::ImageRun {
+                source: source.clone(),
+                insecure_registries: args.insecure_registry.clone(),
+                offline: false,
+            }),
+        user: args.user.clone(),
+        hostname: args.hostname.clone(),
         shares: {
             let cache =
                 locald_vmm::config::ShareCache::parse(&args.share_cache).ok_or_else(|| {
@@ -309,10 +345,13 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
     })
 }
 
-/// Whether `run` goes through the guest agent: a command on the default
-/// guest, unless --serial.
+/// Whether `run` goes through the guest agent: a command (or an image's)
+/// on the default guest, unless --serial.
 fn uses_agent(args: &RunArgs) -> bool {
-    !args.serial && args.kernel.is_none() && args.initrd.is_none() && !args.command.is_empty()
+    !args.serial
+        && args.kernel.is_none()
+        && args.initrd.is_none()
+        && (!args.command.is_empty() || args.image.is_some())
 }
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {
@@ -491,6 +530,9 @@ fn main() -> ExitCode {
         Command::Exec(a) => return exit(named::exec(a)),
         Command::Stop(a) => return exit(named::stop(a).map(|()| 0)),
         Command::Ps => return exit(named::ps().map(|()| 0)),
+        Command::Pull(a) => return exit(images::pull(a)),
+        Command::Images => return exit(images::images()),
+        Command::Image(c) => return exit(images::image(c)),
         Command::Mkrootfs(a) => {
             return match mkrootfs(&a) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -133,13 +133,23 @@ pub(crate) fn run_with_agent(args: RunArgs) -> anyhow::Result<u8> {
         .map(|s| PortMap::parse(s))
         .collect::<Result<_, _>>()?;
     let mut cfg = config_from(&args)?;
-    let argv = cfg.command.take().unwrap_or_default();
+    let (argv, workdir) = match &cfg.image {
+        // The image's Entrypoint, Cmd and WorkingDir make the command.
+        Some(run) => {
+            let mut progress = locald_vmm::image::TerminalProgress::new();
+            let img = locald_vmm::image::prepare(run, cfg.arch, &mut progress)?;
+            let mut probe = cfg.clone();
+            locald_vmm::image::apply(&mut probe, &img)?;
+            (probe.command.unwrap_or_default(), probe.workdir)
+        }
+        None => (cfg.command.take().unwrap_or_default(), cfg.workdir.take()),
+    };
+    cfg.command = None;
     let env: Vec<Vec<u8>> = cfg
         .env
         .drain(..)
         .map(|(k, v)| format!("{k}={v}").into_bytes())
         .collect();
-    let workdir = cfg.workdir.take();
     cfg.agent = true;
     cfg.agent_timeout = Duration::from_secs(args.agent_timeout);
     cfg.console = if args.verbose {
@@ -298,7 +308,12 @@ fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
         uds_path: uds.clone(),
     });
     let (cpus, memory_mib, seccomp) = (cfg.vcpus, cfg.memory_mib, cfg.seccomp);
-    let mut vm = VirtualMachine::new(cfg)?.spawn()?;
+    let vm = VirtualMachine::new(cfg)?;
+    let exposed = vm
+        .image()
+        .map(|i| i.config.exposed_ports.clone())
+        .unwrap_or_default();
+    let mut vm = vm.spawn()?;
     signals::set_target(vm.stopper());
     if seccomp {
         install_main_filter()?;
@@ -320,6 +335,7 @@ fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
                 .map_or(0, |d| d.as_secs()),
             vsock: uds,
             publish: maps.iter().map(|m| (m.host, m.guest)).collect(),
+            exposed,
         },
     };
     println!("ok");
@@ -378,7 +394,7 @@ pub(crate) fn ps() -> anyhow::Result<()> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     println!(
-        "{:<20} {:>8} {:>4} {:>8} {:>8}  PUBLISH",
+        "{:<20} {:>8} {:>4} {:>8} {:>8}  PUBLISH / EXPOSED",
         "NAME", "PID", "CPUS", "MEMORY", "UPTIME"
     );
     for (name, info) in instance::list()? {
@@ -386,14 +402,20 @@ pub(crate) fn ps() -> anyhow::Result<()> {
             Ok(i) => {
                 let publish: Vec<String> =
                     i.publish.iter().map(|(h, g)| format!("{h}:{g}")).collect();
+                let exposed = if i.exposed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (exposes {})", i.exposed.join(","))
+                };
                 println!(
-                    "{:<20} {:>8} {:>4} {:>7}M {:>7}s  {}",
+                    "{:<20} {:>8} {:>4} {:>7}M {:>7}s  {}{}",
                     name,
                     i.pid,
                     i.cpus,
                     i.memory_mib,
                     now.saturating_sub(i.started_at),
-                    publish.join(",")
+                    publish.join(","),
+                    exposed
                 );
             }
             Err(instance::InstanceError::Busy(_)) => {

@@ -116,6 +116,61 @@ pub fn prepare(
     })
 }
 
+/// Removes an image (as given to `pull`) from the cache; its blobs and
+/// root disk go with the next [`prune`].
+pub fn remove(image: &str) -> Result<(), Error> {
+    let source = ImageSource::parse(image)?;
+    Ok(store()?.remove(&source.key())?)
+}
+
+/// What [`prune`] deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Blobs no image refers to.
+    pub blobs_removed: u64,
+    /// Root disks of images no longer cached.
+    pub rootfs_removed: u64,
+    /// Bytes freed in all.
+    pub bytes_freed: u64,
+}
+
+/// Deletes the blobs and root disks that no cached image refers to (a VM
+/// still running from a deleted root disk keeps its open file).
+pub fn prune() -> Result<Pruned, Error> {
+    let store = store()?;
+    let blobs = store.prune()?;
+    let live: std::collections::HashSet<String> = store
+        .list()?
+        .into_iter()
+        .map(|e| e.manifest_digest.trim_start_matches("sha256:").to_string())
+        .collect();
+    let mut out = Pruned {
+        blobs_removed: blobs.blobs_removed as u64,
+        bytes_freed: blobs.bytes_freed,
+        ..Pruned::default()
+    };
+    let dir = store.dir().join("rootfs");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(out);
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(key) = name.to_str().and_then(|n| n.strip_suffix(".ext4")) else {
+            continue;
+        };
+        if live.contains(key) {
+            continue;
+        }
+        let size = e.metadata().map_or(0, |m| m.len());
+        if std::fs::remove_file(e.path()).is_ok() {
+            out.rootfs_removed += 1;
+            out.bytes_freed += size;
+            let _ = std::fs::remove_file(dir.join(format!("{key}.ext4.lock")));
+        }
+    }
+    Ok(out)
+}
+
 /// Fills `config` from the image: its root disk (read-only, overlay), the
 /// command (Entrypoint + Cmd; `config.command` replaces Cmd, as with
 /// docker), the environment (the image's, then `config.env` over it), the

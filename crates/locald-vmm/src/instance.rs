@@ -156,6 +156,9 @@ pub struct Info {
     pub vsock: PathBuf,
     /// Published ports as (host, guest).
     pub publish: Vec<(u16, u16)>,
+    /// The OCI image's `ExposedPorts` (`80/tcp`…), when it boots one.
+    #[serde(default)]
+    pub exposed: Vec<String>,
 }
 
 /// A control response line.

@@ -55,6 +55,7 @@ impl ControlTarget for Fake {
             started_at: 0,
             vsock: "/x".into(),
             publish: vec![(8080, 80)],
+            exposed: vec!["80/tcp".into()],
         }
     }
     fn stop(&mut self, _timeout: Duration) -> String {
