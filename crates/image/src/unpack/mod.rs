@@ -340,10 +340,24 @@ impl Unpacker {
                     source,
                 }
             })?;
+        // The root exists before any layer: root-owned 0755, as docker
+        // makes it, until a layer's `./` entry says otherwise.
+        let mut table = MetadataTable::default();
+        table.insert(
+            Vec::new(),
+            Record {
+                kind: NodeKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                xattrs: Vec::new(),
+            },
+        );
         Ok(Unpacker {
             root,
             limits,
-            table: MetadataTable::default(),
+            table,
             stats: UnpackStats::default(),
             buf: vec![0; 256 << 10],
         })
