@@ -121,6 +121,8 @@ define_class!(
 
     unsafe impl NSObjectProtocol for VmDelegate {}
 
+    // SAFETY: the two methods below have the protocol's selectors and
+    // argument types (checked against objc2-virtualization's protocol).
     unsafe impl VZVirtualMachineDelegate for VmDelegate {
         #[unsafe(method(guestDidStopVirtualMachine:))]
         fn guest_did_stop(&self, _vm: &VZVirtualMachine) {
@@ -153,6 +155,8 @@ define_class!(
 
     unsafe impl NSObjectProtocol for ListenerDelegate {}
 
+    // SAFETY: the method below has the protocol's selector and argument
+    // types (checked against objc2-virtualization's protocol).
     unsafe impl VZVirtioSocketListenerDelegate for ListenerDelegate {
         #[unsafe(method(listener:shouldAcceptNewConnection:fromSocketDevice:))]
         fn should_accept(
