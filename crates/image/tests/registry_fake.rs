@@ -14,8 +14,8 @@ use locald_image::{
     Arch, ImageError, ImageReference, ImageSource, ImageStore, NoProgress, PullOptions,
 };
 use support::{
-    assert_blobs_valid, blob_names, cache_contents, registry_handler, serve_maps, FakeRegistry,
-    Reply,
+    assert_blobs_valid, blob_names, cache_contents, pull_in_two_threads, registry_handler,
+    serve_maps, FakeRegistry, Reply,
 };
 
 fn src(addr: &str, rest: &str) -> ImageSource {
@@ -522,18 +522,7 @@ fn concurrent_pulls_two_threads_from_a_registry() {
     let dir = t.path().join("cache");
     let s = src(&reg.addr, "app:v1");
     let o = opts(Arch::Amd64, &t);
-    let res: Vec<_> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..2)
-            .map(|_| {
-                sc.spawn(|| {
-                    ImageStore::open(&dir)
-                        .unwrap()
-                        .pull(&s, &o, &mut NoProgress)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let res = pull_in_two_threads(&dir, &s, &o);
     for r in res {
         assert_eq!(r.unwrap().manifest_digest, img.manifest.digest);
     }

@@ -11,7 +11,7 @@ use locald_image::{
     Arch, ImageError, ImageReference, ImageSource, ImageStore, NoProgress, ProgressEvent,
     PullOptions,
 };
-use support::{assert_blobs_valid, cache_contents, RealRegistry};
+use support::{assert_blobs_valid, cache_contents, pull_in_two_threads, RealRegistry};
 
 fn src(addr: &str, rest: &str) -> ImageSource {
     ImageSource::Registry(ImageReference::parse(&format!("{addr}/{rest}")).unwrap())
@@ -206,18 +206,7 @@ fn concurrent_pulls_two_threads() {
     let dir = t.path().join("cache");
     let s = src(&reg.addr, "test/conc:v1");
     let o = opts(Arch::Amd64, &t);
-    let res: Vec<_> = std::thread::scope(|sc| {
-        let hs: Vec<_> = (0..2)
-            .map(|_| {
-                sc.spawn(|| {
-                    ImageStore::open(&dir)
-                        .unwrap()
-                        .pull(&s, &o, &mut NoProgress)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let res = pull_in_two_threads(&dir, &s, &o);
     let res: Vec<_> = res.into_iter().map(Result::unwrap).collect();
     assert_eq!(res[0], res[1]);
     assert_eq!(res[0].config_digest, img.config.digest);

@@ -331,6 +331,29 @@ impl Drop for RealRegistry {
     }
 }
 
+/// Two threads pulling `s` into the store at `dir` at once (each opens
+/// the store itself); their results in order.
+pub fn pull_in_two_threads(
+    dir: &Path,
+    s: &locald_image::pull::ImageSource,
+    o: &locald_image::pull::PullOptions,
+) -> Vec<Result<locald_image::PulledImage, locald_image::ImageError>> {
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..2)
+            .map(|_| {
+                sc.spawn(|| {
+                    locald_image::ImageStore::open(dir).unwrap().pull(
+                        s,
+                        o,
+                        &mut locald_image::NoProgress,
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Reads all of `r` (for tests that read layers).
 pub fn read_all(mut r: impl Read) -> Vec<u8> {
     let mut v = Vec::new();
