@@ -9,7 +9,7 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use locald_image::testing::{build_image, build_index, sample_image, Blob, TempDir};
+use locald_image::testing::{build_image, build_index, sample_image, Blob, BuiltImage, TempDir};
 use locald_image::{
     Arch, ImageError, ImageReference, ImageSource, ImageStore, NoProgress, PullOptions,
 };
@@ -504,9 +504,10 @@ fn https_is_used_for_non_loopback_unless_insecure() {
     }
 }
 
-#[test]
-fn concurrent_pulls_two_threads_from_a_registry() {
-    let t = TempDir::new("fake-threads");
+/// A fake registry serving the sample image as `app:v1` whose blob
+/// requests take `delay_ms` each (so concurrent pulls overlap), and the
+/// count of blob requests it served (and the image).
+fn slow_counting_registry(delay_ms: u64) -> (FakeRegistry, Arc<AtomicUsize>, BuiltImage) {
     let img = build_image(&sample_image(Arch::Amd64));
     let (m, b) = serve_maps(&[&img], None, "v1");
     let blob_gets = Arc::new(AtomicUsize::new(0));
@@ -515,10 +516,17 @@ fn concurrent_pulls_two_threads_from_a_registry() {
     let reg = FakeRegistry::start(move |req| {
         if req.path.contains("/blobs/") {
             counter.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         }
         inner(req)
     });
+    (reg, blob_gets, img)
+}
+
+#[test]
+fn concurrent_pulls_two_threads_from_a_registry() {
+    let t = TempDir::new("fake-threads");
+    let (reg, blob_gets, img) = slow_counting_registry(50);
     let dir = t.path().join("cache");
     let s = src(&reg.addr, "app:v1");
     let o = opts(Arch::Amd64, &t);
@@ -557,18 +565,7 @@ fn child_registry_pull_helper() {
 #[test]
 fn concurrent_pulls_two_processes_from_a_registry() {
     let t = TempDir::new("fake-procs");
-    let img = build_image(&sample_image(Arch::Amd64));
-    let (m, b) = serve_maps(&[&img], None, "v1");
-    let blob_gets = Arc::new(AtomicUsize::new(0));
-    let counter = blob_gets.clone();
-    let inner = registry_handler(m, b);
-    let reg = FakeRegistry::start(move |req| {
-        if req.path.contains("/blobs/") {
-            counter.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        inner(req)
-    });
+    let (reg, blob_gets, img) = slow_counting_registry(100);
     let dir = t.path().join("cache");
     let exe = std::env::current_exe().unwrap();
     let children: Vec<_> = (0..2)
