@@ -15,7 +15,7 @@ use locald_image::unpack::{Limits, Unpacker};
 use locald_image::{
     Arch, ImageError, ImageSource, ImageStore, NoProgress, ProgressEvent, PullOptions,
 };
-use support::{assert_blobs_valid, blob_names, cache_contents};
+use support::{assert_blobs_valid, blob_names, cache_contents, run_two_children};
 
 fn opts(arch: Arch) -> PullOptions {
     PullOptions {
@@ -617,33 +617,11 @@ fn concurrent_pulls_two_processes() {
     let mut l = OciLayout::create(&t.path().join("layout"));
     l.add_image(&img, None);
     let dir = t.path().join("cache");
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..2)
-        .map(|_| {
-            std::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "child_pull_helper",
-                    "--nocapture",
-                    "--test-threads",
-                    "1",
-                ])
-                .env(CHILD_ENV, format!("{}|{}", l.dir.display(), dir.display()))
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "child failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    run_two_children(
+        "child_pull_helper",
+        CHILD_ENV,
+        &format!("{}|{}", l.dir.display(), dir.display()),
+    );
     assert_eq!(cache_contents(&dir).0, blob_names(&img));
     assert_eq!(cache_contents(&dir).1.len(), 1);
     assert_blobs_valid(&dir);

@@ -15,7 +15,7 @@ use locald_image::{
 };
 use support::{
     assert_blobs_valid, blob_names, cache_contents, pull_in_two_threads, registry_handler,
-    serve_maps, FakeRegistry, Reply,
+    run_two_children, serve_maps, FakeRegistry, Reply,
 };
 
 fn src(addr: &str, rest: &str) -> ImageSource {
@@ -567,27 +567,11 @@ fn concurrent_pulls_two_processes_from_a_registry() {
     let t = TempDir::new("fake-procs");
     let (reg, blob_gets, img) = slow_counting_registry(100);
     let dir = t.path().join("cache");
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..2)
-        .map(|_| {
-            std::process::Command::new(&exe)
-                .args(["--exact", "child_registry_pull_helper", "--nocapture"])
-                .env(CHILD_ENV, format!("{}|{}", reg.addr, dir.display()))
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "child failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    run_two_children(
+        "child_registry_pull_helper",
+        CHILD_ENV,
+        &format!("{}|{}", reg.addr, dir.display()),
+    );
     assert_eq!(cache_contents(&dir).0, blob_names(&img));
     assert_eq!(cache_contents(&dir).1.len(), 1);
     assert_eq!(blob_gets.load(Ordering::SeqCst), 1 + img.layers.len());

@@ -354,6 +354,32 @@ pub fn pull_in_two_threads(
     })
 }
 
+/// Runs this test binary's `helper` test in two child processes at once,
+/// with `env_key=env_value`, and asserts that both succeed.
+pub fn run_two_children(helper: &str, env_key: &str, env_value: &str) {
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(&exe)
+                .args(["--exact", helper, "--nocapture", "--test-threads", "1"])
+                .env(env_key, env_value)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "child failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Reads all of `r` (for tests that read layers).
 pub fn read_all(mut r: impl Read) -> Vec<u8> {
     let mut v = Vec::new();
