@@ -41,6 +41,7 @@ pub mod seccomp;
 pub mod seccomp;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub mod snapshot;
 mod vm;
 pub mod vz;
 

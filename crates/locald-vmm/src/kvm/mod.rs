@@ -14,6 +14,7 @@ pub mod host;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+pub mod snapshot;
 pub mod vcpu;
 
 use std::collections::HashMap;

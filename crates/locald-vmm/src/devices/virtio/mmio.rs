@@ -21,6 +21,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::{PersistError, QueueSnapshot, TransportSnapshot};
+use super::worker::Gate;
 use super::{Activation, Interrupt, VirtioDevice, Warned, F_RING_EVENT_IDX, F_VERSION_1};
 use crate::devices::BusDevice;
 
@@ -91,6 +93,8 @@ pub struct MmioTransport {
     config_generation: u32,
     active: bool,
     warned: Warned,
+    /// The VM's worker gate: the device's worker joins it (snapshots).
+    gate: Gate,
 }
 
 fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
@@ -130,7 +134,113 @@ impl MmioTransport {
             config_generation: 0,
             active: false,
             warned: Warned::default(),
+            gate: Gate::default(),
         })
+    }
+
+    /// Puts the device's future workers behind `gate` (the VM's).
+    pub fn set_gate(&mut self, gate: Gate) {
+        self.gate = gate;
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Saves the transport and its queues. Call only while the vCPUs and
+    /// the device's worker are parked (see [`super::persist`]).
+    pub fn save(&self) -> Result<TransportSnapshot, PersistError> {
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, q)| {
+                QueueSnapshot::save(q, &self.mem).map_err(|()| PersistError::UsedRing {
+                    name: self.name.clone(),
+                    index,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TransportSnapshot {
+            name: self.name.clone(),
+            device_type: self.device.device_type(),
+            device_features: self.device.features(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            active: self.active,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues,
+        })
+    }
+
+    /// Puts this (fresh) transport in the saved state `s` and, if the
+    /// device was running, starts it on the saved queues. The device must
+    /// be the same kind with the same features as the saved one.
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), PersistError> {
+        let name = self.name.clone();
+        let now = self.device.device_type();
+        if s.device_type != now {
+            return Err(PersistError::DeviceType {
+                name,
+                saved: s.device_type,
+                now,
+            });
+        }
+        let now = self.device.features();
+        if s.device_features != now {
+            return Err(PersistError::Features {
+                name,
+                saved: s.device_features,
+                now,
+            });
+        }
+        let sizes = self.device.queue_max_sizes().to_vec();
+        if s.queues.len() != sizes.len() {
+            return Err(PersistError::QueueCount {
+                name,
+                saved: s.queues.len(),
+                now: sizes.len(),
+            });
+        }
+        let queues = s
+            .queues
+            .iter()
+            .zip(&sizes)
+            .enumerate()
+            .map(|(index, (q, &max))| {
+                let queue = q.to_queue(max).map_err(|reason| PersistError::Queue {
+                    name: name.clone(),
+                    index,
+                    reason,
+                })?;
+                if queue.ready() && !queue.is_valid(&self.mem) {
+                    return Err(PersistError::Queue {
+                        name: name.clone(),
+                        index,
+                        reason: "outside guest memory or misaligned".into(),
+                    });
+                }
+                Ok(queue)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.queues = queues;
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.config_generation = s.config_generation;
+        if s.active {
+            self.start_device(true);
+        }
+        self.interrupt.restore(s.interrupt_status, s.needs_reset);
+        Ok(())
     }
 
     /// One eventfd per queue; the backend registers each as an ioeventfd on
@@ -349,6 +459,11 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        self.start_device(false);
+    }
+
+    /// Hands the queues to the device (DRIVER_OK, or a restore).
+    fn start_device(&mut self, restored: bool) {
         let event_idx = self.driver_features & F_RING_EVENT_IDX != 0;
         for (i, q) in self.queues.iter_mut().enumerate() {
             q.set_event_idx(event_idx);
@@ -399,8 +514,10 @@ impl MmioTransport {
             queue_events,
             interrupt: self.interrupt.clone(),
             features: self.driver_features,
+            restored,
         };
-        match self.device.activate(activation) {
+        let gate = self.gate.clone();
+        match gate.scope(|| self.device.activate(activation)) {
             Ok(()) => self.active = true,
             Err(e) => {
                 tracing::error!("{}: activation failed: {e}", self.name);

@@ -20,6 +20,7 @@ pub mod block;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod rng;
 pub mod vsock;
 pub mod worker;
@@ -82,6 +83,10 @@ pub struct Activation {
     pub interrupt: std::sync::Arc<Interrupt>,
     /// Features the driver accepted.
     pub features: u64,
+    /// The device is resumed from a snapshot rather than started by the
+    /// driver: its queues hold the saved ring positions, and the guest
+    /// believes it has been running all along.
+    pub restored: bool,
 }
 
 /// A virtio device behind a transport. Methods run on the vCPU thread that
@@ -238,6 +243,17 @@ impl Interrupt {
     /// InterruptACK: clears the given bits.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Restores the saved InterruptStatus and reset flag; a pending status
+    /// raises the line again (a spurious interrupt is harmless, a lost one
+    /// is not).
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        self.status.store(0, Ordering::SeqCst);
+        if status != 0 {
+            self.raise(status);
+        }
     }
 
     /// Device reset: no pending interrupt, no reset request.

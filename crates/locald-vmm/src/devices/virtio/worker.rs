@@ -26,14 +26,24 @@
 //! [`HANDLER_TOKENS`]; their events reach [`QueueHandler::process_event`].
 //! Both methods have no-op defaults, so queue-only devices ignore them.
 //!
+//! **Pausing (snapshots).** A worker spawned while a [`Gate`] is current
+//! on the spawning thread (see [`Gate::scope`]; the MMIO transport sets
+//! its VM's gate around `activate`) joins that gate: [`Gate::pause`]
+//! parks every joined worker between two events, so no request is half
+//! done and no queue is touched until [`Gate::resume`]. Devices need no
+//! code for it.
+//!
 //! Seccomp: a worker started from a filtered thread (a vCPU of a VM with
 //! seccomp on) installs its device's filter (chosen by the worker's name,
 //! see [`crate::seccomp::Device::from_worker_name`]) before its loop
 //! starts, so before it reads any queue; it is started through the
 //! seccomp spawner and does not inherit the vCPU's filter.
 
+use std::cell::RefCell;
 use std::os::fd::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
@@ -65,11 +75,126 @@ pub trait QueueHandler: Send + 'static {
 pub const HANDLER_TOKENS: std::ops::Range<u32> = (1 << 16)..STOP_TOKEN;
 
 const STOP_TOKEN: u32 = u32::MAX;
+const PAUSE_TOKEN: u32 = u32::MAX - 1;
+
+/// How long [`Gate::pause`] waits for the workers to park.
+pub const PAUSE_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    /// Pause eventfds of the live workers, by worker id.
+    workers: Vec<(u64, EventFd)>,
+    parked: usize,
+    next_id: u64,
+}
+
+/// Parks the device workers of one VM for a snapshot (see the module
+/// docs). Shared by the VM's transports; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Gate(Arc<(Mutex<GateState>, Condvar)>);
+
+/// The workers did not all park within [`PAUSE_LIMIT`].
+#[derive(Debug, thiserror::Error)]
+#[error("{parked} of {workers} device workers paused within {PAUSE_LIMIT:?}")]
+pub struct PauseTimeout {
+    pub parked: usize,
+    pub workers: usize,
+}
+
+thread_local! {
+    static CURRENT_GATE: RefCell<Option<Gate>> = const { RefCell::new(None) };
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` with this gate current on this thread: workers spawned in
+    /// it join the gate.
+    pub fn scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        let prev = CURRENT_GATE.with(|c| c.replace(Some(self.clone())));
+        let r = f();
+        CURRENT_GATE.with(|c| *c.borrow_mut() = prev);
+        r
+    }
+
+    fn current() -> Option<Gate> {
+        CURRENT_GATE.with(|c| c.borrow().clone())
+    }
+
+    /// Parks every joined worker between two events and returns once all
+    /// are parked. Workers that start while paused park before their
+    /// first event.
+    pub fn pause(&self) -> Result<(), PauseTimeout> {
+        let mut st = self.lock();
+        st.paused = true;
+        for (_, evt) in &st.workers {
+            let _ = evt.write(1);
+        }
+        let deadline = std::time::Instant::now() + PAUSE_LIMIT;
+        while st.parked < st.workers.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(PauseTimeout {
+                    parked: st.parked,
+                    workers: st.workers.len(),
+                });
+            }
+            st = self.0 .1.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(())
+    }
+
+    /// Lets the parked workers go on.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.0 .1.notify_all();
+    }
+
+    /// Whether the gate is paused.
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    fn join(&self, evt: EventFd) -> u64 {
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        if st.paused {
+            let _ = evt.write(1);
+        }
+        st.workers.push((id, evt));
+        id
+    }
+
+    fn leave(&self, id: u64) {
+        self.lock().workers.retain(|(i, _)| *i != id);
+        self.0 .1.notify_all();
+    }
+
+    /// Called by a worker thread between events: parks while paused.
+    fn park_if_paused(&self) {
+        let mut st = self.lock();
+        if !st.paused {
+            return;
+        }
+        st.parked += 1;
+        self.0 .1.notify_all();
+        while st.paused {
+            st = self.0 .1.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked -= 1;
+    }
+}
 
 struct Subscriber<H> {
     queue_events: Vec<EventFd>,
     stop: EventFd,
     stopped: bool,
+    /// The gate's pause eventfd, when the worker joined a gate.
+    pause: Option<EventFd>,
     handler: H,
 }
 
@@ -79,6 +204,13 @@ impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
         if token == STOP_TOKEN {
             let _ = self.stop.read();
             self.stopped = true;
+            return;
+        }
+        if token == PAUSE_TOKEN {
+            // Parking happens in the loop, between events.
+            if let Some(p) = &self.pause {
+                let _ = p.read();
+            }
             return;
         }
         if HANDLER_TOKENS.contains(&token) {
@@ -106,6 +238,11 @@ impl<H: QueueHandler> MutEventSubscriber for Subscriber<H> {
         if let Err(e) = ops.add(Events::with_data(&self.stop, STOP_TOKEN, EventSet::IN)) {
             tracing::error!("worker: cannot watch the stop event: {e:?}");
         }
+        if let Some(p) = &self.pause {
+            if let Err(e) = ops.add(Events::with_data(p, PAUSE_TOKEN, EventSet::IN)) {
+                tracing::error!("worker: cannot watch the pause event: {e:?}");
+            }
+        }
         self.handler.init(ops);
     }
 }
@@ -122,34 +259,66 @@ impl<H: QueueHandler> Worker<H> {
     /// at start.
     pub fn spawn(name: &str, queue_events: Vec<EventFd>, handler: H) -> std::io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let gate = Gate::current();
+        let pause = match &gate {
+            Some(_) => Some(EventFd::new(libc::EFD_NONBLOCK)?),
+            None => None,
+        };
+        let gate_id = match (&gate, &pause) {
+            (Some(g), Some(p)) => Some(g.join(p.try_clone()?)),
+            _ => None,
+        };
         let sub = Subscriber {
             queue_events,
             stop: stop.try_clone()?,
             stopped: false,
+            pause,
             handler,
         };
+        let thread_gate = gate.clone();
         let mut mgr: EventManager<Box<Subscriber<H>>> =
             EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         let kind =
             crate::seccomp::ThreadKind::Worker(crate::seccomp::Device::from_worker_name(name));
         let thread = crate::seccomp::spawn_inherit(name.to_string(), kind, move || {
             let id = mgr.add_subscriber(Box::new(sub));
+            let leave = |mgr_gate: &Option<Gate>| {
+                if let (Some(g), Some(i)) = (mgr_gate, gate_id) {
+                    g.leave(i);
+                }
+            };
             loop {
                 match mgr.subscriber_mut(id) {
                     Ok(s) if s.stopped => break,
                     Ok(_) => {}
-                    Err(_) => return None,
+                    Err(_) => {
+                        leave(&thread_gate);
+                        return None;
+                    }
+                }
+                if let Some(g) = &thread_gate {
+                    g.park_if_paused();
                 }
                 if let Err(e) = mgr.run() {
                     tracing::error!("device worker event loop failed: {e:?}");
                     break;
                 }
             }
+            leave(&thread_gate);
             let mut handler = mgr.remove_subscriber(id).ok()?.handler;
             // The device's teardown, here under this thread's filter.
             handler.on_stop();
             Some(handler)
-        })?;
+        });
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                if let (Some(g), Some(i)) = (&gate, gate_id) {
+                    g.leave(i);
+                }
+                return Err(e);
+            }
+        };
         Ok(Worker {
             stop,
             thread: Some(thread),
@@ -275,5 +444,35 @@ mod tests {
         let w = Worker::spawn("virtio-test b", vec![q], Teardown(tx)).unwrap();
         drop(w);
         assert_eq!(rx.try_recv(), Ok(Some("virtio-test b".to_string())));
+    }
+
+    #[test]
+    fn a_paused_gate_holds_queue_work_until_resume() {
+        let q = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let gate = Gate::default();
+        let w = gate
+            .scope(|| Worker::spawn("test worker", vec![q.try_clone().unwrap()], Record(tx, 0)))
+            .unwrap();
+        // Not gated: a worker spawned outside the scope.
+        let (tx2, rx2) = mpsc::channel();
+        let q2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let free = Worker::spawn("free worker", vec![q2.try_clone().unwrap()], Record(tx2, 0)).unwrap();
+        gate.pause().unwrap();
+        assert!(gate.is_paused());
+        q.write(1).unwrap();
+        q2.write(1).unwrap();
+        assert_eq!(rx2.recv_timeout(std::time::Duration::from_secs(5)), Ok(0));
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(200)).is_err());
+        gate.resume();
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), Ok(0));
+        // A second pause/resume round, then a normal stop.
+        gate.pause().unwrap();
+        gate.resume();
+        assert_eq!(w.stop().map(|h| h.1), Some(1));
+        assert!(free.stop().is_some());
+        // A stopped worker left the gate: pausing with none is immediate.
+        gate.pause().unwrap();
+        gate.resume();
     }
 }

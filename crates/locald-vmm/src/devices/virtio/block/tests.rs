@@ -1468,6 +1468,7 @@ fn device_worker_processes_requests_and_reset_keeps_the_image() {
             queue_events: vec![qevt.try_clone().unwrap()],
             interrupt: interrupt.clone(),
             features: blk.features(),
+            restored: false,
         })
         .unwrap();
     };
@@ -1479,6 +1480,7 @@ fn device_worker_processes_requests_and_reset_keeps_the_image() {
         queue_events: vec![],
         interrupt: interrupt.clone(),
         features: 0,
+        restored: false,
     });
     assert!(err.is_err());
 
@@ -1547,6 +1549,7 @@ fn features_the_driver_refused_are_unsupp() {
         queue_events: vec![qevt.try_clone().unwrap()],
         interrupt,
         features: blk.features() & !(feature::WRITE_ZEROES | feature::DISCARD),
+        restored: false,
     })
     .unwrap();
     qevt.write(1).unwrap();

@@ -456,6 +456,7 @@ fn worker_moves_frames_and_a_dead_backend_takes_the_link_down() {
         queue_events: kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
         interrupt: interrupt.clone(),
         features: COMMON_FEATURES | f::MRG_RXBUF | f::STATUS | f::MAC,
+        restored: false,
     })
     .unwrap();
     // Guest → backend.

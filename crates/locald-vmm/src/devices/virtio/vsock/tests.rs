@@ -559,6 +559,7 @@ fn worker_serves_queues_and_host_sockets() {
         queue_events: kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
         interrupt: interrupt.clone(),
         features: crate::devices::virtio::COMMON_FEATURES,
+        restored: false,
     })
     .unwrap();
 
@@ -757,6 +758,7 @@ impl LinuxGuest {
             queue_events: kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
             interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
             features: crate::devices::virtio::COMMON_FEATURES,
+            restored: false,
         })
         .unwrap();
         let mut g = LinuxGuest { rings, kicks, irq };
