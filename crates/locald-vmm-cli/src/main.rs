@@ -328,6 +328,7 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
                 offline: false,
             }),
         user: args.user.clone(),
+        restore: None,
         hostname: args.hostname.clone(),
         shares: {
             let cache =

@@ -29,6 +29,25 @@ pub(crate) struct RunOptions {
     pub(crate) seccomp: bool,
 }
 
+/// Takes snapshots of a running VM (the KVM backend's; the
+/// Virtualization.framework backend has none yet).
+#[cfg(target_os = "linux")]
+pub type Snapshotter = crate::kvm::Snapshotter;
+/// Takes snapshots of a running VM (none on this platform).
+#[cfg(not(target_os = "linux"))]
+pub enum Snapshotter {}
+
+#[cfg(not(target_os = "linux"))]
+impl Snapshotter {
+    pub(crate) fn take(
+        &self,
+        _dir: &std::path::Path,
+        _after: crate::snapshot::AfterSnapshot,
+    ) -> Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotError> {
+        match *self {}
+    }
+}
+
 /// The backend of one VM.
 pub(crate) enum Backend {
     #[cfg(target_os = "linux")]
@@ -90,6 +109,16 @@ impl Backend {
             Backend::Kvm(b) => b.run(opts),
             #[cfg(target_os = "macos")]
             Backend::Vz(b) => b.run(opts),
+        }
+    }
+
+    /// A snapshot handle (KVM only).
+    pub(crate) fn snapshotter(&self) -> Option<Snapshotter> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Backend::Kvm(b) => Some(b.snapshotter()),
+            #[cfg(target_os = "macos")]
+            Backend::Vz(_) => None,
         }
     }
 

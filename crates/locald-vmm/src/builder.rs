@@ -36,6 +36,16 @@ pub(crate) struct GuestImage {
 }
 
 impl GuestImage {
+    /// No kernel or initrd: a restored VM resumes from its snapshot.
+    pub(crate) fn none() -> Self {
+        GuestImage {
+            kernel: PathBuf::new(),
+            system_map: None,
+            default_kernel: true,
+            initrd: None,
+        }
+    }
+
     /// Resolves the default guest's assets where the config names none,
     /// reads the initrd and appends the command spec the guest init reads
     /// (command, environment, root disk, agent mode, network, shares).

@@ -117,6 +117,8 @@ pub enum Error {
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
     #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
     Image(#[from] locald_image::ImageError),
     #[error("{0}")]
     ImageRootfs(#[from] locald_image::rootfs::CachedError<locald_image::unpack::UnpackError>),

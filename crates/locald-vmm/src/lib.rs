@@ -39,9 +39,9 @@ pub mod seccomp;
 #[cfg(not(target_os = "linux"))]
 #[path = "seccomp_none.rs"]
 pub mod seccomp;
+pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod test_support;
-pub mod snapshot;
 mod vm;
 pub mod vz;
 

@@ -448,6 +448,60 @@ pub mod kvm_ioctl {
         0xa0,
         std::mem::size_of::<kvm_bindings::kvm_vcpu_events>() as u64,
     );
+    /// KVM_GET_MSRS (the header only; the entries follow it).
+    pub const GET_MSRS: u64 = io(
+        R | W,
+        0x88,
+        std::mem::size_of::<kvm_bindings::kvm_msrs>() as u64,
+    );
+    /// KVM_GET_LAPIC.
+    pub const GET_LAPIC: u64 = io(
+        R,
+        0x8e,
+        std::mem::size_of::<kvm_bindings::kvm_lapic_state>() as u64,
+    );
+    /// KVM_GET_MP_STATE.
+    pub const GET_MP_STATE: u64 = io(
+        R,
+        0x98,
+        std::mem::size_of::<kvm_bindings::kvm_mp_state>() as u64,
+    );
+    /// KVM_GET_DEBUGREGS.
+    pub const GET_DEBUGREGS: u64 = io(
+        R,
+        0xa1,
+        std::mem::size_of::<kvm_bindings::kvm_debugregs>() as u64,
+    );
+    /// KVM_GET_XSAVE.
+    pub const GET_XSAVE: u64 = io(
+        R,
+        0xa4,
+        std::mem::size_of::<kvm_bindings::kvm_xsave>() as u64,
+    );
+    /// KVM_GET_XCRS.
+    pub const GET_XCRS: u64 = io(
+        R,
+        0xa6,
+        std::mem::size_of::<kvm_bindings::kvm_xcrs>() as u64,
+    );
+    /// KVM_GET_IRQCHIP (VM).
+    pub const GET_IRQCHIP: u64 = io(
+        R | W,
+        0x62,
+        std::mem::size_of::<kvm_bindings::kvm_irqchip>() as u64,
+    );
+    /// KVM_GET_CLOCK (VM).
+    pub const GET_CLOCK: u64 = io(
+        R,
+        0x7c,
+        std::mem::size_of::<kvm_bindings::kvm_clock_data>() as u64,
+    );
+    /// KVM_GET_PIT2 (VM).
+    pub const GET_PIT2: u64 = io(
+        R,
+        0x9f,
+        std::mem::size_of::<kvm_bindings::kvm_pit_state2>() as u64,
+    );
 }
 
 /// The ioctls a vCPU thread makes once running: `KVM_RUN`, and for
@@ -468,6 +522,13 @@ fn vcpu_ioctls() -> Vec<u64> {
         GET_VCPU_EVENTS,
         SET_VCPU_EVENTS,
         TUNSETOFFLOAD,
+        // A parked vCPU reads its own state for a snapshot.
+        GET_MSRS,
+        GET_LAPIC,
+        GET_MP_STATE,
+        GET_DEBUGREGS,
+        GET_XSAVE,
+        GET_XCRS,
     ]
 }
 
@@ -977,6 +1038,15 @@ mod tests {
         assert_eq!(kvm_ioctl::GET_SREGS, 0x8138_ae83);
         assert_eq!(kvm_ioctl::TRANSLATE, 0xc018_ae85);
         assert_eq!(kvm_ioctl::GET_VCPU_EVENTS, 0x8040_ae9f);
+        assert_eq!(kvm_ioctl::GET_MSRS, 0xc008_ae88);
+        assert_eq!(kvm_ioctl::GET_LAPIC, 0x8400_ae8e);
+        assert_eq!(kvm_ioctl::GET_MP_STATE, 0x8004_ae98);
+        assert_eq!(kvm_ioctl::GET_DEBUGREGS, 0x8080_aea1);
+        assert_eq!(kvm_ioctl::GET_XSAVE, 0x9000_aea4);
+        assert_eq!(kvm_ioctl::GET_XCRS, 0x8188_aea6);
+        assert_eq!(kvm_ioctl::GET_IRQCHIP, 0xc208_ae62);
+        assert_eq!(kvm_ioctl::GET_CLOCK, 0x8030_ae7c);
+        assert_eq!(kvm_ioctl::GET_PIT2, 0x8070_ae9f);
         assert_eq!(kvm_ioctl::SET_VCPU_EVENTS, 0x4040_aea0);
     }
 

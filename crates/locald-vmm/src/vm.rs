@@ -52,8 +52,16 @@ impl VirtualMachine {
             }
             None => None,
         };
-        let mut guest = GuestImage::resolve(&config)?;
-        let link = AgentLink::prepare(&mut config, Backend::NEEDS_RUNTIME_DIR)?;
+        // A restore resumes a guest that booted long ago: no image to load.
+        let mut guest = match config.restore {
+            Some(_) => GuestImage::none(),
+            None => GuestImage::resolve(&config)?,
+        };
+        let mut link = AgentLink::prepare(&mut config, Backend::NEEDS_RUNTIME_DIR)?;
+        if config.restore.is_some() {
+            // Its agent said it was ready before the snapshot; it listens.
+            link.ready = None;
+        }
         let control = Arc::new(VmControl::new());
         let backend = Backend::build(
             &config,
@@ -91,6 +99,11 @@ impl VirtualMachine {
         self.vsock_path.as_deref()
     }
 
+    /// A handle that snapshots this VM while it runs (KVM only).
+    pub fn snapshotter(&self) -> Option<crate::backend::Snapshotter> {
+        self.backend.snapshotter()
+    }
+
     /// Starts the VM on a background thread ("vm"), for agent mode: the
     /// caller then waits for the agent, runs commands and stops the VM.
     pub fn spawn(mut self) -> Result<RunningVm, Error> {
@@ -99,6 +112,7 @@ impl VirtualMachine {
         let control = self.control.clone();
         let agent_timeout = self.agent_timeout;
         let kind = self.run.seccomp.then_some(seccomp::ThreadKind::Main);
+        let snapshotter = self.snapshotter();
         let thread = seccomp::spawn("vm".into(), kind, move || {
             let r = self.run();
             // Tear the devices down as soon as the guest is gone: the vsock
@@ -109,6 +123,7 @@ impl VirtualMachine {
             r
         })?;
         Ok(RunningVm {
+            snapshotter,
             thread: Some(thread),
             control,
             ready,
@@ -165,6 +180,7 @@ type VmThread = std::thread::JoinHandle<Result<ExitStatus, Error>>;
 /// A VM running on a background thread (see [`VirtualMachine::spawn`]).
 /// Dropping it stops the VM at once.
 pub struct RunningVm {
+    snapshotter: Option<crate::backend::Snapshotter>,
     thread: Option<VmThread>,
     control: Arc<VmControl>,
     ready: Option<agent::ReadyListener>,
@@ -175,6 +191,23 @@ pub struct RunningVm {
 }
 
 impl RunningVm {
+    /// Pauses the VM, writes its snapshot into `dir` (a new or empty
+    /// directory, created private) and resumes it, or stops it with
+    /// [`ExitStatus::Snapshotted`]. See [`crate::snapshot`].
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        after: crate::snapshot::AfterSnapshot,
+    ) -> Result<crate::snapshot::SnapshotInfo, Error> {
+        match &self.snapshotter {
+            Some(s) => Ok(s.take(dir, after)?),
+            None => Err(crate::snapshot::SnapshotError::Unsupported(
+                "this backend takes no snapshots".into(),
+            )
+            .into()),
+        }
+    }
+
     /// Waits until the guest agent is ready to run commands (agent mode).
     pub fn wait_ready(&mut self) -> Result<(), Error> {
         let Some(ready) = self.ready.take() else {

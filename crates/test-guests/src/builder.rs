@@ -178,6 +178,12 @@ pub const GUESTS: &[GuestSpec] = &[
         lang: Lang::Asm,
     },
     GuestSpec {
+        name: "count",
+        script: "pvh.ld",
+        about: "PVH: prints count 1..40 about 25 ms apart (RDTSC), checking memory against a register; exits 0 (2 on a mismatch)",
+        lang: Lang::Asm,
+    },
+    GuestSpec {
         name: "virtio",
         script: "pvh.ld",
         about: "PVH, C: polled virtio-mmio driver for the block and entropy devices on the command line; exits 0",

@@ -325,6 +325,11 @@ pub struct VmConfig {
     pub user: Option<String>,
     /// The guest's hostname (with `image` only; default: the image's name).
     pub hostname: Option<String>,
+    /// Resume the snapshot in this directory instead of booting (KVM
+    /// only). The machine (vCPUs, memory, devices in order) must be the
+    /// snapshot's; the kernel, initrd, command line and command are not
+    /// used. See [`crate::snapshot`].
+    pub restore: Option<PathBuf>,
 }
 
 /// Which OCI image to boot, and how to fetch it.
@@ -369,6 +374,7 @@ impl Default for VmConfig {
             image: None,
             user: None,
             hostname: None,
+            restore: None,
         }
     }
 }

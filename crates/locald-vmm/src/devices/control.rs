@@ -21,6 +21,8 @@ pub enum ExitStatus {
     PowerOff,
     /// The configured timeout elapsed first.
     TimedOut,
+    /// The VM was stopped after a snapshot (`snapshot --stop`).
+    Snapshotted,
 }
 
 impl ExitStatus {
@@ -30,7 +32,7 @@ impl ExitStatus {
     pub fn code(&self) -> i32 {
         match self {
             ExitStatus::Exited(c) => *c as i32,
-            ExitStatus::Reset | ExitStatus::PowerOff => 0,
+            ExitStatus::Reset | ExitStatus::PowerOff | ExitStatus::Snapshotted => 0,
             ExitStatus::Panic | ExitStatus::TripleFault | ExitStatus::TimedOut => 125,
         }
     }

@@ -187,13 +187,8 @@ impl SerialDevice {
                 s.pending.len()
             )));
         }
-        let uart = Serial::from_state(
-            &st,
-            EventFdTrigger(irq),
-            vm_superio::serial::NoEvents,
-            out,
-        )
-        .map_err(|e| SerialRestoreError(format!("{e:?}")))?;
+        let uart = Serial::from_state(&st, EventFdTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| SerialRestoreError(format!("{e:?}")))?;
         Ok(SerialDevice {
             uart,
             pending: s.pending.iter().copied().collect(),
@@ -393,12 +388,10 @@ mod tests {
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let c = Arc::new(VmControl::new());
-        assert!(SerialDevice::from_snapshot(
-            irq,
-            ConsoleWriter::new(ConsoleSink::Null, c),
-            &bad
-        )
-        .is_err());
+        assert!(
+            SerialDevice::from_snapshot(irq, ConsoleWriter::new(ConsoleSink::Null, c), &bad)
+                .is_err()
+        );
     }
 
     #[test]

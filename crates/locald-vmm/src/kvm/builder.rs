@@ -86,8 +86,12 @@ impl KvmBackend {
             ConsoleConfig::Stderr => ConsoleSink::Stderr,
             ConsoleConfig::Null => ConsoleSink::Null,
         };
+        let restore = match &config.restore {
+            Some(dir) => Some(super::snapshotter::load(dir)?),
+            None => None,
+        };
         let virtio = devices::virtio_devices(config)?;
-        let vm = KvmVm::new(&spec, virtio, control, sink)?;
+        let vm = KvmVm::new(&spec, virtio, control, sink, restore)?;
         if let ConsoleConfig::Buffer { input, .. } = &config.console {
             vm.serial()
                 .lock()
@@ -112,6 +116,11 @@ impl KvmBackend {
             crate::profile::report(&self.vm.samples(), opts.system_map.as_deref());
         }
         Ok(outcome)
+    }
+
+    /// A handle that snapshots the VM while it runs.
+    pub(crate) fn snapshotter(&self) -> super::Snapshotter {
+        self.vm.snapshotter()
     }
 
     /// Instructions completed for KVM's emulator, by kind.

@@ -15,6 +15,7 @@ pub mod layout;
 pub mod mptable;
 pub mod regs;
 pub mod snapshot;
+mod snapshotter;
 pub mod vcpu;
 
 use std::collections::HashMap;
@@ -37,9 +38,12 @@ use crate::devices::serial::{
     ConsoleSink, ConsoleWriter, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN,
 };
 use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::worker::Gate;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, ExitStatus, Outcome, VmControl};
 use crate::error::{BootError, Error};
+use snapshotter::check_shape;
+pub use snapshotter::Snapshotter;
 use vcpu::{SampleFlag, VcpuShared};
 
 /// Everything the backend needs to boot, resolved from the user's config.
@@ -78,6 +82,8 @@ fn attach_virtio(
     mem: &GuestMemoryMmap,
     mmio_bus: &mut Bus,
     devices: Vec<VirtioSpec>,
+    gate: &Gate,
+    transports: &mut Vec<Arc<Mutex<MmioTransport>>>,
 ) -> Result<String, Error> {
     let mut cmdline = String::new();
     for (i, spec) in devices.into_iter().enumerate() {
@@ -92,7 +98,8 @@ fn attach_virtio(
         let irq = EventFd::new(libc::EFD_NONBLOCK)?;
         vm.register_irqfd(&irq, gsi)
             .map_err(Error::kvm("KVM_IRQFD (virtio)"))?;
-        let transport = MmioTransport::new(spec.device, spec.name, mem.clone(), irq)?;
+        let mut transport = MmioTransport::new(spec.device, spec.name, mem.clone(), irq)?;
+        transport.set_gate(gate.clone());
         for (q, evt) in transport.queue_events().iter().enumerate() {
             vm.register_ioevent(
                 evt,
@@ -101,8 +108,10 @@ fn attach_virtio(
             )
             .map_err(Error::kvm("KVM_IOEVENTFD (virtio queue notify)"))?;
         }
+        let transport = Arc::new(Mutex::new(transport));
+        transports.push(transport.clone());
         mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_WINDOW)
+            .insert(transport, base, mmio::MMIO_WINDOW)
             .map_err(|e| Error::Device(e.to_string()))?;
         cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
     }
@@ -112,10 +121,36 @@ fn attach_virtio(
 /// A created, not yet running, KVM virtual machine.
 pub struct KvmVm {
     _kvm: Kvm,
-    _vm: VmFd,
     vcpus: Vec<VcpuFd>,
     shared: Arc<VcpuShared>,
     serial: Arc<Mutex<SerialDevice>>,
+    /// What a snapshot of this VM reads.
+    parts: Arc<SnapshotParts>,
+}
+
+/// Everything a snapshot reads besides the vCPUs' own state, shared with
+/// [`Snapshotter`] handles.
+pub struct SnapshotParts {
+    pub(crate) vm: Arc<VmFd>,
+    pub(crate) shared: Arc<VcpuShared>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) gate: Gate,
+    /// Guest RAM (without the test code window).
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) shape: snapshot::MachineShape,
+    pub(crate) host: snapshot::HostFingerprint,
+    pub(crate) msr_indices: Vec<u32>,
+    /// One snapshot at a time.
+    pub(crate) busy: Mutex<()>,
+}
+
+/// A snapshot to restore: the parsed state file and the memory file.
+pub struct Restore {
+    /// The saved machine.
+    pub saved: snapshot::SavedMachine,
+    /// The memory file (mapped `MAP_PRIVATE`).
+    pub memory: std::fs::File,
 }
 
 fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, Error> {
@@ -128,12 +163,15 @@ fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, Error> {
 }
 
 impl KvmVm {
-    /// Opens KVM, builds the VM and loads the guest.
+    /// Opens KVM, builds the VM and loads the guest (`restore: None`), or
+    /// builds it from a snapshot: memory mapped from its file, the
+    /// interrupt controllers, clock, devices and vCPUs in their saved state.
     pub fn new(
         spec: &BootSpec,
         virtio: Vec<VirtioSpec>,
         control: Arc<VmControl>,
         sink: ConsoleSink,
+        restore: Option<Restore>,
     ) -> Result<Self, Error> {
         let kvm =
             Kvm::new().map_err(|e| Error::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -141,8 +179,19 @@ impl KvmVm {
         if usize::from(spec.vcpus) > max {
             return Err(Error::TooManyVcpus(spec.vcpus, max));
         }
+        if let Some(r) = &restore {
+            snapshot::check_host(&kvm)?;
+            check_shape(spec, &virtio, &r.saved)?;
+        }
         let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-        let mem = guest_memory(spec.memory_mib)?;
+        let mem = match &restore {
+            None => guest_memory(spec.memory_mib)?,
+            Some(r) => snapshot::map_memory(
+                &r.memory,
+                &r.saved.shape.ram,
+                &layout::ram_ranges(spec.memory_mib << 20),
+            )?,
+        };
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -165,15 +214,22 @@ impl KvmVm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
+        // Interrupt controllers and clock first: restored devices may
+        // raise interrupts as soon as they start.
+        if let Some(r) = &restore {
+            snapshot::restore_vm(&vm, &r.saved.vm)?;
+        }
 
         // Devices on the port bus.
         let irq = EventFd::new(libc::EFD_NONBLOCK)?;
         vm.register_irqfd(&irq, COM1_GSI)
             .map_err(Error::kvm("KVM_IRQFD (COM1)"))?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            irq,
-            ConsoleWriter::new(sink, control.clone()),
-        )));
+        let writer = ConsoleWriter::new(sink, control.clone());
+        let serial = Arc::new(Mutex::new(match &restore {
+            None => SerialDevice::new(irq, writer),
+            Some(r) => SerialDevice::from_snapshot(irq, writer, &r.saved.serial)
+                .map_err(crate::snapshot::SnapshotError::from)?,
+        }));
         let mut pio = Bus::new();
         let dev_err = |e: crate::devices::BusError| Error::Device(e.to_string());
         pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
@@ -192,8 +248,22 @@ impl KvmVm {
         .map_err(dev_err)?;
 
         // Virtio devices on the MMIO bus, announced on the command line.
+        // Their workers stay parked until the vCPUs run.
+        let gate = Gate::default();
+        gate.pause().map_err(crate::snapshot::SnapshotError::from)?;
         let mut mmio_bus = Bus::new();
-        let mut cmdline = spec.cmdline.clone() + &attach_virtio(&vm, &mem, &mut mmio_bus, virtio)?;
+        let mut transports = Vec::new();
+        let device_names: Vec<String> = virtio.iter().map(|v| v.name.clone()).collect();
+        let mut cmdline = spec.cmdline.clone()
+            + &attach_virtio(&vm, &mem, &mut mmio_bus, virtio, &gate, &mut transports)?;
+        if let Some(r) = &restore {
+            for (t, saved) in transports.iter().zip(&r.saved.virtio) {
+                t.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore(saved)
+                    .map_err(crate::snapshot::SnapshotError::from)?;
+            }
+        }
         // Test hook, off by default (see emulate::code_window).
         let fetch_mem = if emulate::code_window::enabled() {
             emulate::code_window::attach(&mem, &mut mmio_bus)?
@@ -205,17 +275,26 @@ impl KvmVm {
             cmdline.push_str(extra);
         }
 
-        // Guest image and boot structures.
-        let mem_bytes = spec.memory_mib << 20;
-        let kernel = boot::load_kernel(&mem, &spec.kernel)?;
-        let initrd = match &spec.initrd {
-            Some((name, data)) => Some(boot::load_initrd(&mem, mem_bytes, &kernel, name, data)?),
-            None => None,
+        // Guest image and boot structures (a cold boot only).
+        let entry = match &restore {
+            Some(_) => None,
+            None => {
+                let mem_bytes = spec.memory_mib << 20;
+                let kernel = boot::load_kernel(&mem, &spec.kernel)?;
+                let initrd = match &spec.initrd {
+                    Some((name, data)) => {
+                        Some(boot::load_initrd(&mem, mem_bytes, &kernel, name, data)?)
+                    }
+                    None => None,
+                };
+                boot::write_boot_info(&mem, mem_bytes, &kernel, &cmdline, initrd)?;
+                regs::write_boot_tables(&mem, kernel.entry.mode)
+                    .map_err(|e| BootError::Setup(format!("page tables: {e}")))?;
+                mptable::write(&mem, spec.vcpus)
+                    .map_err(|e| BootError::Setup(format!("MP table: {e}")))?;
+                Some(kernel.entry)
+            }
         };
-        boot::write_boot_info(&mem, mem_bytes, &kernel, &cmdline, initrd)?;
-        regs::write_boot_tables(&mem, kernel.entry.mode)
-            .map_err(|e| BootError::Setup(format!("page tables: {e}")))?;
-        mptable::write(&mem, spec.vcpus).map_err(|e| BootError::Setup(format!("MP table: {e}")))?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -228,25 +307,60 @@ impl KvmVm {
                     id,
                     spec.vcpus,
                     &spec.masked,
-                    kernel.entry,
+                    entry,
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let host = snapshot::fingerprint(supported.as_slice(), &kvm, &vcpus[0])?;
+        let msr_indices = snapshot::msr_indices(&kvm)?;
+        if let Some(r) = &restore {
+            if let Some(why) = snapshot::host_difference(&r.saved.host, &host) {
+                return Err(crate::snapshot::SnapshotError::ForeignHost(why).into());
+            }
+            for (v, s) in vcpus.iter().zip(&r.saved.vcpus) {
+                snapshot::restore_vcpu(v, s)?;
+            }
+        }
         vcpu::install_kick_handler()?;
+        let shared = Arc::new(VcpuShared {
+            pio,
+            mmio: mmio_bus,
+            control,
+            mem: fetch_mem,
+            samples: Mutex::new(Vec::new()),
+            emulated: Mutex::new(HashMap::new()),
+            pause: vcpu::Pause::default(),
+        });
+        let parts = Arc::new(SnapshotParts {
+            vm: Arc::new(vm),
+            shared: shared.clone(),
+            serial: serial.clone(),
+            transports,
+            gate,
+            mem,
+            shape: snapshot::MachineShape {
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                ram: Vec::new(),
+                compat: !spec.masked.is_empty(),
+                devices: device_names,
+            },
+            host,
+            msr_indices,
+            busy: Mutex::new(()),
+        });
         Ok(KvmVm {
             _kvm: kvm,
-            _vm: vm,
             vcpus,
-            shared: Arc::new(VcpuShared {
-                pio,
-                mmio: mmio_bus,
-                control,
-                mem: fetch_mem,
-                samples: Mutex::new(Vec::new()),
-                emulated: Mutex::new(HashMap::new()),
-            }),
+            shared,
             serial,
+            parts,
         })
+    }
+
+    /// A handle that snapshots this VM while it runs.
+    pub fn snapshotter(&self) -> Snapshotter {
+        Snapshotter(self.parts.clone())
     }
 
     /// The COM1 device, for feeding console input.
@@ -278,6 +392,15 @@ impl KvmVm {
             })?;
             threads.push(t);
         }
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            self.shared
+                .pause
+                .set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+        }
+        // Device workers started while the VM was built (a restore) wait
+        // for the vCPUs.
+        self.parts.gate.resume();
         let outcome = if profile_hz > 0 {
             let period = Duration::from_secs_f64(1.0 / f64::from(profile_hz));
             let deadline = timeout.map(|t| std::time::Instant::now() + t);
@@ -302,6 +425,9 @@ impl KvmVm {
                 .wait(None)
                 .unwrap_or(Outcome::Status(ExitStatus::TimedOut))
         });
+        // No snapshot kicks these threads once they may be joined.
+        self.shared.pause.clear_threads();
+        self.shared.pause.release();
         // Kick until every vCPU thread has left KVM_RUN and seen the flag; a
         // kick that lands just before KVM_RUN is retried.
         while threads.iter().any(|t| !t.is_finished()) {

@@ -81,8 +81,6 @@ pub struct MachineShape {
     pub ram: Vec<RamRegion>,
     /// The software-KVM compatibility path was on (CPUID masked).
     pub compat: bool,
-    /// `LOCALD_VMM_COMPAT_KEEP` at boot (features left visible).
-    pub compat_keep: String,
     /// The virtio devices in bus order, by name.
     pub devices: Vec<String>,
 }
@@ -130,15 +128,16 @@ pub fn check_host(kvm: &Kvm) -> R<()> {
     Ok(())
 }
 
-/// This host's fingerprint; `vcpu` gives the TSC rate.
-pub fn fingerprint(kvm: &Kvm, vcpu: &VcpuFd) -> R<HostFingerprint> {
-    let cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(SnapshotError::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    let mut leaves: Vec<[u32; 6]> = cpuid
-        .as_slice()
+/// This host's fingerprint from KVM's supported CPUID; `vcpu` gives the
+/// TSC rate.
+pub fn fingerprint(
+    supported: &[kvm_bindings::kvm_cpuid_entry2],
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+) -> R<HostFingerprint> {
+    let mut leaves: Vec<[u32; 6]> = supported
         .iter()
-        .map(|e| [e.function, e.index, e.eax, e.ebx, e.ecx, e.edx])
+        .filter_map(|e| feature_leaf([e.function, e.index, e.eax, e.ebx, e.ecx, e.edx]))
         .collect();
     leaves.sort_unstable();
     let tsc_khz = vcpu
@@ -157,6 +156,22 @@ pub fn fingerprint(kvm: &Kvm, vcpu: &VcpuFd) -> R<HostFingerprint> {
         tsc_khz,
         caps,
     })
+}
+
+/// The CPUID leaves that make the CPU feature set: vendor and family
+/// (0, 1), feature flags (1, 7, 0x80000001), XSAVE layout (0xd) and
+/// address sizes (0x80000008). Other leaves and fields differ between the
+/// host CPUs the ioctl happens to run on (leaf 1's EBX holds the APIC id)
+/// or describe caches and topology, which a restore does not depend on.
+fn feature_leaf(mut l: [u32; 6]) -> Option<[u32; 6]> {
+    match l[0] {
+        0 | 7 | 0xd | 0x8000_0000 | 0x8000_0001 | 0x8000_0008 => Some(l),
+        1 => {
+            l[3] = 0;
+            Some(l)
+        }
+        _ => None,
+    }
 }
 
 /// Why `now` cannot restore a snapshot taken on `saved`, if it cannot.
@@ -390,7 +405,10 @@ pub fn map_memory(file: &File, regions: &[RamRegion], expect: &[(u64, u64)]) -> 
         .len();
     let mut out = Vec::with_capacity(regions.len());
     for r in regions {
-        if r.file_offset.checked_add(r.size).is_none_or(|end| end > file_len) {
+        if r.file_offset
+            .checked_add(r.size)
+            .is_none_or(|end| end > file_len)
+        {
             return Err(SnapshotError::Memory(format!(
                 "the memory file has {file_len} bytes, region at {:#x} needs {} from offset {}",
                 r.guest_addr, r.size, r.file_offset
@@ -446,7 +464,10 @@ mod tests {
     #[test]
     fn memory_is_written_sparse_and_mapped_back_private() {
         use vm_memory::Bytes;
-        let ranges = [(GuestAddress(0), 0x40000usize), (GuestAddress(0x100000), 0x20000)];
+        let ranges = [
+            (GuestAddress(0), 0x40000usize),
+            (GuestAddress(0x100000), 0x20000),
+        ];
         let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
         mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
         mem.write_obj(0x1234u16, GuestAddress(0x110000)).unwrap();
@@ -464,12 +485,21 @@ mod tests {
         assert_eq!(f.metadata().unwrap().len(), 0x60000);
         let expect = [(0, 0x40000), (0x100000, 0x20000)];
         let back = map_memory(&f, &regions, &expect).unwrap();
-        assert_eq!(back.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
-        assert_eq!(back.read_obj::<u16>(GuestAddress(0x110000)).unwrap(), 0x1234);
+        assert_eq!(
+            back.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(
+            back.read_obj::<u16>(GuestAddress(0x110000)).unwrap(),
+            0x1234
+        );
         // Copy on write: the file does not change.
         back.write_obj(1u32, GuestAddress(0x1000)).unwrap();
         let again = map_memory(&f, &regions, &expect).unwrap();
-        assert_eq!(again.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            again.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         // Another layout, or a file too short for it, is refused.
         assert!(map_memory(&f, &regions, &[(0, 0x40000)]).is_err());
         f.set_len(0x50000).unwrap();

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use kvm_bindings::{kvm_run, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -50,14 +50,156 @@ pub struct VcpuShared {
     pub samples: Mutex<Vec<crate::profile::Sample>>,
     /// Instructions completed by [`emulate`], by kind.
     pub emulated: Mutex<HashMap<&'static str, u64>>,
+    /// Parking the vCPUs for a snapshot.
+    pub pause: Pause,
+}
+
+/// What the parked vCPUs hand back to the snapshotting thread.
+#[derive(Default)]
+struct PauseState {
+    /// A pause was asked for.
+    requested: bool,
+    /// Parked vCPUs read their state for the snapshot, with these MSRs.
+    capture: Option<Arc<Vec<u32>>>,
+    /// vCPUs parked now.
+    parked: usize,
+    /// Saved states by vCPU id (or why saving failed).
+    saved: Vec<Option<Result<super::snapshot::VcpuState, crate::snapshot::SnapshotError>>>,
+    /// The threads to kick, while the VM runs.
+    threads: Vec<libc::pthread_t>,
+}
+
+/// Parks the vCPU threads between two `KVM_RUN`s (snapshots). The
+/// snapshotting thread calls [`Pause::park_all`] and [`Pause::release`];
+/// each vCPU thread, kicked out of `KVM_RUN`, completes any pending I/O
+/// with an `immediate_exit` run, reads its own state when asked, and waits.
+#[derive(Default)]
+pub struct Pause {
+    state: Mutex<PauseState>,
+    cv: Condvar,
+}
+
+impl Pause {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the running vCPU threads (kick targets).
+    pub fn set_threads(&self, threads: Vec<libc::pthread_t>) {
+        let mut st = self.lock();
+        st.saved = threads.iter().map(|_| None).collect();
+        st.threads = threads;
+    }
+
+    /// Forgets the threads: they are about to be joined.
+    pub fn clear_threads(&self) {
+        self.lock().threads.clear();
+    }
+
+    fn requested(&self) -> bool {
+        self.lock().requested
+    }
+
+    /// Parks every vCPU (saving each one's state when `capture`) and
+    /// returns the states, or `None` if the VM is not running or they did
+    /// not all park within `limit`.
+    pub fn park_all(
+        &self,
+        capture: Option<Vec<u32>>,
+        limit: std::time::Duration,
+        control: &VmControl,
+    ) -> Result<Vec<super::snapshot::VcpuState>, crate::snapshot::SnapshotError> {
+        use crate::snapshot::SnapshotError;
+        let deadline = std::time::Instant::now() + limit;
+        let mut st = self.lock();
+        if st.threads.is_empty() || control.should_stop() {
+            return Err(SnapshotError::NotRunning);
+        }
+        st.requested = true;
+        let capture = capture.map(Arc::new);
+        st.capture = capture.clone();
+        for s in st.saved.iter_mut() {
+            *s = None;
+        }
+        let n = st.threads.len();
+        while st.parked < n {
+            if control.should_stop() {
+                st.requested = false;
+                self.cv.notify_all();
+                return Err(SnapshotError::NotRunning);
+            }
+            if std::time::Instant::now() >= deadline {
+                st.requested = false;
+                self.cv.notify_all();
+                return Err(SnapshotError::PauseTimeout(limit));
+            }
+            for &t in &st.threads {
+                // SAFETY: `t` is a vCPU thread that has not been joined
+                // (threads are cleared under this lock before joining);
+                // the kick signal has an empty handler.
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+            st = self
+                .cv
+                .wait_timeout(st, std::time::Duration::from_micros(200))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if capture.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(n);
+        for s in st.saved.iter_mut() {
+            match s.take() {
+                Some(Ok(v)) => out.push(v),
+                Some(Err(e)) => return Err(e),
+                None => return Err(SnapshotError::NotRunning),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Lets parked vCPUs run on (or, if the VM is stopping, end).
+    pub fn release(&self) {
+        self.lock().requested = false;
+        self.cv.notify_all();
+    }
+
+    /// Called by a vCPU thread between runs: parks while a pause is
+    /// requested.
+    fn park(&self, vcpu: &mut VcpuFd, id: u8, control: &VmControl) {
+        // Complete any I/O KVM has half done (a string PIO, an MMIO read)
+        // without entering the guest.
+        vcpu.set_kvm_immediate_exit(1);
+        let _ = vcpu.run();
+        vcpu.set_kvm_immediate_exit(0);
+        let capture = self.lock().capture.clone();
+        let saved = capture.map(|msrs| super::snapshot::save_vcpu(vcpu, &msrs));
+        let mut st = self.lock();
+        if let Some(slot) = st.saved.get_mut(usize::from(id)) {
+            *slot = saved;
+        }
+        st.parked += 1;
+        self.cv.notify_all();
+        while st.requested && !control.should_stop() {
+            st = self
+                .cv
+                .wait_timeout(st, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.parked -= 1;
+    }
 }
 
 /// Per-vCPU flag: the next kick is a profiling sample.
 #[derive(Default)]
 pub struct SampleFlag(pub AtomicBool);
 
-/// Creates vCPU `id` and gives it CPUID, MSRs, LAPIC LINT pins and, for the
-/// boot vCPU, the entry register state.
+/// Creates vCPU `id` with its CPUID; `entry` (a cold boot) also gives it
+/// boot MSRs, LAPIC LINT pins, FPU and, for the boot vCPU, the entry
+/// register state. A restored vCPU gets its saved state instead
+/// ([`super::snapshot::restore_vcpu`]).
 /// `supported` is KVM's supported CPUID list, fetched once per VM.
 pub fn create(
     vm: &VmFd,
@@ -65,7 +207,7 @@ pub fn create(
     id: u8,
     cpus: u8,
     masked: &[cpuid::Masked],
-    entry: KernelEntry,
+    entry: Option<KernelEntry>,
 ) -> Result<VcpuFd, Error> {
     let vcpu = vm
         .create_vcpu(u64::from(id))
@@ -76,6 +218,9 @@ pub fn create(
         CpuId::from_entries(&entries).map_err(|e| Error::Device(format!("cpuid: {e:?}")))?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+    let Some(entry) = entry else {
+        return Ok(vcpu);
+    };
     let msrs = Msrs::from_entries(&regs::boot_msrs())
         .map_err(|e| Error::Device(format!("msrs: {e:?}")))?;
     vcpu.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
@@ -227,6 +372,10 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, shared: Arc<VcpuShared>, sample: Arc<S
     loop {
         if control.should_stop() {
             return;
+        }
+        if shared.pause.requested() {
+            shared.pause.park(&mut vcpu, id, control);
+            continue;
         }
         let action = match vcpu.run() {
             Ok(exit) => match convert(exit) {

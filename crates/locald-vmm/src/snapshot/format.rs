@@ -143,10 +143,7 @@ mod tests {
         let f = sample();
         for n in 0..f.len() {
             let e = decode::<Body>(&f[..n]).unwrap_err();
-            assert!(
-                matches!(e, FormatError::Truncated { .. }),
-                "{n} bytes: {e}"
-            );
+            assert!(matches!(e, FormatError::Truncated { .. }), "{n} bytes: {e}");
         }
     }
 
@@ -163,7 +160,10 @@ mod tests {
     #[test]
     fn foreign_versions_lengths_and_trailers_get_their_own_error() {
         let f = sample();
-        assert_eq!(decode::<Body>(b"\x7fELF\x02\x01\x01\0rest").unwrap_err(), FormatError::Magic);
+        assert_eq!(
+            decode::<Body>(b"\x7fELF\x02\x01\x01\0rest").unwrap_err(),
+            FormatError::Magic
+        );
         let mut v = f.clone();
         v[8..12].copy_from_slice(&9u32.to_le_bytes());
         assert_eq!(decode::<Body>(&v).unwrap_err(), FormatError::Version(9));
@@ -172,7 +172,10 @@ mod tests {
         assert_eq!(decode::<Body>(&t).unwrap_err(), FormatError::Trailing(1));
         let mut l = f.clone();
         l[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert_eq!(decode::<Body>(&l).unwrap_err(), FormatError::TooLarge(u64::MAX));
+        assert_eq!(
+            decode::<Body>(&l).unwrap_err(),
+            FormatError::TooLarge(u64::MAX)
+        );
         // A valid envelope around a body of another shape.
         let other = encode(&vec!["x"]);
         assert!(matches!(

@@ -252,8 +252,7 @@ mod tests {
         ));
         std::fs::remove_file(dir.join(STATE_FILE)).unwrap();
         std::fs::write(dir.join(STATE_FILE), b"x").unwrap();
-        std::fs::set_permissions(dir.join(STATE_FILE), PermissionsExt::from_mode(0o666))
-            .unwrap();
+        std::fs::set_permissions(dir.join(STATE_FILE), PermissionsExt::from_mode(0o666)).unwrap();
         assert!(matches!(
             read_state(&dir),
             Err(SnapshotError::Untrusted { .. })

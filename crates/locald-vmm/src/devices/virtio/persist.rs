@@ -133,9 +133,18 @@ impl QueueSnapshot {
         }
         let mut q = Queue::new(max_size).map_err(|e| e.to_string())?;
         q.try_set_size(self.size).map_err(|e| e.to_string())?;
-        q.set_desc_table_address(Some(self.desc_table as u32), Some((self.desc_table >> 32) as u32));
-        q.set_avail_ring_address(Some(self.avail_ring as u32), Some((self.avail_ring >> 32) as u32));
-        q.set_used_ring_address(Some(self.used_ring as u32), Some((self.used_ring >> 32) as u32));
+        q.set_desc_table_address(
+            Some(self.desc_table as u32),
+            Some((self.desc_table >> 32) as u32),
+        );
+        q.set_avail_ring_address(
+            Some(self.avail_ring as u32),
+            Some((self.avail_ring >> 32) as u32),
+        );
+        q.set_used_ring_address(
+            Some(self.used_ring as u32),
+            Some((self.used_ring >> 32) as u32),
+        );
         q.set_next_avail(self.next_avail);
         q.set_next_used(self.next_used);
         q.set_event_idx(self.event_idx);

@@ -142,7 +142,12 @@ impl Gate {
                     workers: st.workers.len(),
                 });
             }
-            st = self.0 .1.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+            st = self
+                .0
+                 .1
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         Ok(())
     }
@@ -457,13 +462,16 @@ mod tests {
         // Not gated: a worker spawned outside the scope.
         let (tx2, rx2) = mpsc::channel();
         let q2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let free = Worker::spawn("free worker", vec![q2.try_clone().unwrap()], Record(tx2, 0)).unwrap();
+        let free =
+            Worker::spawn("free worker", vec![q2.try_clone().unwrap()], Record(tx2, 0)).unwrap();
         gate.pause().unwrap();
         assert!(gate.is_paused());
         q.write(1).unwrap();
         q2.write(1).unwrap();
         assert_eq!(rx2.recv_timeout(std::time::Duration::from_secs(5)), Ok(0));
-        assert!(rx.recv_timeout(std::time::Duration::from_millis(200)).is_err());
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
         gate.resume();
         assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), Ok(0));
         // A second pause/resume round, then a normal stop.
