@@ -391,7 +391,7 @@ pub fn write_memory(mem: &GuestMemoryMmap, file: &File) -> std::io::Result<(Vec<
 /// pages are read when first touched and copied when first written, so
 /// the file never changes and the cost does not grow with memory size.
 pub fn map_memory(file: &File, regions: &[RamRegion], expect: &[(u64, u64)]) -> R<GuestMemoryMmap> {
-    use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
+    use vm_memory::mmap::MmapRegionBuilder;
     use vm_memory::{FileOffset, GuestRegionMmap};
     let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr, r.size)).collect();
     if layout != expect {
@@ -418,7 +418,7 @@ pub fn map_memory(file: &File, regions: &[RamRegion], expect: &[(u64, u64)]) -> 
             .try_clone()
             .map_err(|e| SnapshotError::Memory(e.to_string()))?;
         let size = usize::try_from(r.size).map_err(|e| SnapshotError::Memory(e.to_string()))?;
-        let mapping = MmapRegionBuilder::new_with_bitmap(size, <()>::with_len(size))
+        let mapping = MmapRegionBuilder::<()>::new(size)
             .with_file_offset(FileOffset::new(fd, r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)

@@ -54,12 +54,9 @@ impl Snapshotter {
             r
         });
         let paused = started.elapsed();
-        match (&result, after) {
-            (Ok(_), AfterSnapshot::Stop) => {
-                control.request_stop(ExitStatus::Snapshotted);
-                p.gate.resume();
-            }
-            _ => {}
+        if let (Ok(_), AfterSnapshot::Stop) = (&result, after) {
+            control.request_stop(ExitStatus::Snapshotted);
+            p.gate.resume();
         }
         p.shared.pause.release();
         let (memory_written, state_bytes) = result?;
@@ -150,7 +147,7 @@ pub(super) fn check_shape(
             names.join(", ")
         ));
     }
-    if s.compat != !spec.masked.is_empty() {
+    if s.compat == spec.masked.is_empty() {
         return mismatch("the software-KVM compatibility path differs".into());
     }
     Ok(())

@@ -156,7 +156,7 @@ impl MmioTransport {
             .iter()
             .enumerate()
             .map(|(index, q)| {
-                QueueSnapshot::save(q, &self.mem).map_err(|()| PersistError::UsedRing {
+                QueueSnapshot::save(q, &self.mem).map_err(|_| PersistError::UsedRing {
                     name: self.name.clone(),
                     index,
                 })

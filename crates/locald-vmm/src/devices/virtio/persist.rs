@@ -98,15 +98,19 @@ pub enum PersistError {
     UsedRing { name: String, index: usize },
 }
 
+/// The used ring of a ready queue is outside guest memory.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsedRingUnreadable;
+
 impl QueueSnapshot {
     /// Saves `q` (the transport's copy, which holds the layout) with both
     /// ring positions at the used ring's index in `mem` (see the module
     /// docs). A queue that is not ready has no ring to read.
-    pub fn save(q: &Queue, mem: &GuestMemoryMmap) -> Result<QueueSnapshot, ()> {
+    pub fn save(q: &Queue, mem: &GuestMemoryMmap) -> Result<QueueSnapshot, UsedRingUnreadable> {
         let used_idx = if q.ready() {
             mem.read_obj::<u16>(GuestAddress(q.used_ring().wrapping_add(2)))
                 .map(u16::from_le)
-                .map_err(|_| ())?
+                .map_err(|_| UsedRingUnreadable)?
         } else {
             0
         };
