@@ -16,6 +16,11 @@
 //! sent. [`Frame::Shutdown`] on any agent stream asks the guest to power
 //! off cleanly. Versions: [`VERSION`] is carried in `Exec`.
 //!
+//! Clone refresh: after a VM is restored from a snapshot, the host opens a
+//! stream with [`Frame::Refresh`] before any command runs; the agent mixes
+//! the host's entropy into the guest's pool, sets the wall clock and the
+//! hostname, and answers `Exit(Code(0))` (or `Error` and closes).
+//!
 //! Port forwarding: instead of `Exec`, the host may open with
 //! [`Frame::Forward`]; the agent connects to that TCP port on the guest's
 //! loopback and answers `Started(0)` (or `Error` and closes); from then on
@@ -54,6 +59,21 @@ pub struct ExecRequest {
     pub tty: Option<(u16, u16)>,
 }
 
+/// What a restored guest gets from the host before any command runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refresh {
+    /// Host wall-clock time, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// Random bytes for the guest's entropy pool (at most
+    /// [`MAX_ENTROPY`]).
+    pub entropy: Vec<u8>,
+    /// A new hostname, if the guest gets one.
+    pub hostname: Option<Vec<u8>>,
+}
+
+/// Most entropy bytes one `Refresh` carries.
+pub const MAX_ENTROPY: usize = 512;
+
 /// How a process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitKind {
@@ -88,6 +108,8 @@ pub enum Frame {
     Shutdown,
     /// host → guest: connect this stream to guest TCP port 127.0.0.1:N.
     Forward(u16),
+    /// host → guest: a restored guest's fresh entropy, clock and hostname.
+    Refresh(Refresh),
     /// guest → host: the command runs with this pid.
     Started(u32),
     /// guest → host: output on stdout (or the terminal).
@@ -108,6 +130,7 @@ mod ty {
     pub const SIGNAL: u8 = 4;
     pub const SHUTDOWN: u8 = 5;
     pub const FORWARD: u8 = 6;
+    pub const REFRESH: u8 = 7;
     pub const STARTED: u8 = 16;
     pub const STDOUT: u8 = 17;
     pub const STDERR: u8 = 18;
@@ -263,6 +286,18 @@ impl Frame {
                 p.extend_from_slice(&port.to_le_bytes());
                 ty::FORWARD
             }
+            Frame::Refresh(r) => {
+                p.extend_from_slice(&r.time_ns.to_le_bytes());
+                put_bytes(&mut p, &r.entropy);
+                match &r.hostname {
+                    Some(h) => {
+                        p.push(1);
+                        put_bytes(&mut p, h);
+                    }
+                    None => p.push(0),
+                }
+                ty::REFRESH
+            }
             Frame::Started(pid) => {
                 p.extend_from_slice(&pid.to_le_bytes());
                 ty::STARTED
@@ -342,6 +377,27 @@ impl Frame {
             ty::SIGNAL => Frame::Signal(c.i32()?),
             ty::SHUTDOWN => Frame::Shutdown,
             ty::FORWARD => Frame::Forward(c.u16()?),
+            ty::REFRESH => {
+                let lo = u64::from(c.u32()?);
+                let hi = u64::from(c.u32()?);
+                let entropy = c.bytes()?;
+                if entropy.len() > MAX_ENTROPY {
+                    return Err(ProtoError(format!(
+                        "{} entropy bytes (at most {MAX_ENTROPY})",
+                        entropy.len()
+                    )));
+                }
+                let hostname = match c.u8()? {
+                    0 => None,
+                    1 => Some(c.bytes()?),
+                    t => return Err(ProtoError(format!("bad option tag {t}"))),
+                };
+                Frame::Refresh(Refresh {
+                    time_ns: lo | (hi << 32),
+                    entropy,
+                    hostname,
+                })
+            }
             ty::STARTED => Frame::Started(c.u32()?),
             ty::STDOUT => return Ok(Frame::Stdout(payload.to_vec())),
             ty::STDERR => return Ok(Frame::Stderr(payload.to_vec())),
@@ -453,6 +509,12 @@ mod tests {
             Frame::Signal(15),
             Frame::Shutdown,
             Frame::Forward(8080),
+            Frame::Refresh(Refresh {
+                time_ns: 1_780_000_000_123_456_789,
+                entropy: (0..64).collect(),
+                hostname: Some(b"clone-1".to_vec()),
+            }),
+            Frame::Refresh(Refresh::default()),
             Frame::Started(42),
             Frame::Stdout(vec![0, 1, 2, 255]),
             Frame::Stderr(b"oops\n".to_vec()),

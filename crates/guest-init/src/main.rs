@@ -30,6 +30,7 @@ mod image;
 mod mounts;
 mod net;
 mod port;
+mod refresh;
 mod rootfs;
 mod rosetta;
 mod session;

@@ -96,6 +96,7 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Signal(_) => "Signal",
         Frame::Shutdown => "Shutdown",
         Frame::Forward(_) => "Forward",
+        Frame::Refresh(_) => "Refresh",
         Frame::Started(_) => "Started",
         Frame::Stdout(_) => "Stdout",
         Frame::Stderr(_) => "Stderr",
@@ -192,6 +193,18 @@ pub fn serve(conn: OwnedFd, ctx: &Context) {
             return;
         }
         Ok(Some(Frame::Forward(port))) => return forward::serve(fd, port),
+        Ok(Some(Frame::Refresh(r))) => {
+            return match crate::refresh::apply(&r) {
+                Ok(()) => {
+                    let deadline = Instant::now() + LINGER;
+                    let frame = Frame::Exit(locald_agent_proto::ExitKind::Code(0)).encode();
+                    if sys::send_all_until(fd, &frame, deadline).is_ok() {
+                        sys::linger(fd, deadline);
+                    }
+                }
+                Err(msg) => refuse(fd, (CODE_OTHER, msg)),
+            };
+        }
         Ok(Some(other)) => {
             let msg = format!("expected Exec, got {}", frame_name(&other));
             return refuse(fd, (CODE_OTHER, msg));

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use locald_agent_proto::{ExecRequest, ExitKind, Frame, AGENT_PORT, READY_LINE, READY_PORT};
+pub use locald_agent_proto::{
+    ExecRequest, ExitKind, Frame, Refresh, AGENT_PORT, READY_LINE, READY_PORT,
+};
 
 /// Errors talking to the guest agent.
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +262,71 @@ fn spawn_stdin_pump(mut input: Box<dyn Read + Send>, handle: ExecHandle) -> io::
         },
     )?;
     Ok(())
+}
+
+/// Bytes of host randomness a restored guest gets.
+pub const REFRESH_ENTROPY: usize = 64;
+
+/// A refresh for a restored guest: the host's wall clock now, fresh
+/// random bytes, and `hostname` if it changes.
+pub fn refresh_now(hostname: Option<&str>) -> io::Result<Refresh> {
+    let mut entropy = vec![0u8; REFRESH_ENTROPY];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut entropy)?;
+    let time_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    Ok(Refresh {
+        time_ns,
+        entropy,
+        hostname: hostname.map(|h| h.as_bytes().to_vec()),
+    })
+}
+
+/// Sends a restored guest its refresh ([`Frame::Refresh`]) and waits for
+/// the agent's answer.
+pub fn refresh(uds: &Path, r: &Refresh) -> Result<(), AgentError> {
+    let mut s = connect(uds, AGENT_PORT)?;
+    Frame::Refresh(r.clone()).write_to(&mut s)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    match Frame::read_from(&mut s)? {
+        Some(Frame::Exit(ExitKind::Code(0))) => Ok(()),
+        Some(Frame::Error { message, .. }) => Err(AgentError::Protocol(format!(
+            "the guest refused the refresh: {message}"
+        ))),
+        Some(other) => Err(AgentError::Protocol(format!(
+            "unexpected answer to Refresh: {other:?}"
+        ))),
+        None => Err(AgentError::Protocol(
+            "the agent closed the stream before answering Refresh".into(),
+        )),
+    }
+}
+
+/// Refreshes a restored guest ([`refresh`]), retrying while its agent is
+/// not reachable yet (the guest is still handling the vsock transport
+/// reset) until `timeout`; `alive` says whether the VM still runs.
+pub fn refresh_restored(
+    uds: &Path,
+    hostname: Option<&str>,
+    timeout: Duration,
+    alive: impl Fn() -> bool,
+) -> Result<(), AgentError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = refresh_now(hostname)?;
+        match refresh(uds, &r) {
+            Ok(()) => return Ok(()),
+            // The agent answered, and not with success: no retry.
+            Err(e @ AgentError::Protocol(_)) => return Err(e),
+            Err(e) => {
+                if Instant::now() >= deadline || !alive() {
+                    tracing::debug!("refresh of the restored guest: {e}");
+                    return Err(AgentError::NotReady(timeout));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
 }
 
 /// Asks the guest to power off cleanly (the agent's Shutdown frame).

@@ -28,6 +28,9 @@ pub struct VirtualMachine {
     ready: Option<agent::ReadyListener>,
     agent_timeout: Duration,
     image: Option<crate::image::PreparedImage>,
+    /// Restored from a snapshot: `wait_ready` refreshes the guest, with
+    /// this hostname.
+    restored: Option<Option<String>>,
     // Dropped last: the sockets inside it go first.
     _runtime_dir: Option<RuntimeDir>,
 }
@@ -47,7 +50,10 @@ impl VirtualMachine {
                 crate::image::apply(&mut config, &img)?;
                 Some(img)
             }
-            None if config.user.is_some() || config.hostname.is_some() => {
+            // A restored guest may get a hostname (no image needed).
+            None if config.user.is_some()
+                || (config.hostname.is_some() && config.restore.is_none()) =>
+            {
                 return Err(crate::error::ConfigError::ImageOnly.into())
             }
             None => None,
@@ -83,6 +89,7 @@ impl VirtualMachine {
             vsock_path: link.vsock_path,
             ready: link.ready,
             agent_timeout: config.agent_timeout,
+            restored: config.restore.as_ref().map(|_| config.hostname.clone()),
             image,
             _runtime_dir: link.runtime_dir,
         })
@@ -111,6 +118,7 @@ impl VirtualMachine {
         let vsock = self.vsock_path.clone();
         let control = self.control.clone();
         let agent_timeout = self.agent_timeout;
+        let restored = self.restored.clone();
         let kind = self.run.seccomp.then_some(seccomp::ThreadKind::Main);
         let snapshotter = self.snapshotter();
         let thread = seccomp::spawn("vm".into(), kind, move || {
@@ -130,6 +138,7 @@ impl VirtualMachine {
             vsock,
             agent_timeout,
             agent_failed: false,
+            restored,
         })
     }
 
@@ -188,6 +197,9 @@ pub struct RunningVm {
     agent_timeout: Duration,
     /// `wait_ready` failed: there is no agent to ask for a clean poweroff.
     agent_failed: bool,
+    /// Restored from a snapshot (with the hostname it gets): `wait_ready`
+    /// sends the clone refresh.
+    restored: Option<Option<String>>,
 }
 
 impl RunningVm {
@@ -209,7 +221,19 @@ impl RunningVm {
     }
 
     /// Waits until the guest agent is ready to run commands (agent mode).
+    ///
+    /// A VM restored from a snapshot has an agent that listens already;
+    /// here it gets its clone refresh (fresh entropy, the host's clock,
+    /// its hostname) before the caller can run anything.
     pub fn wait_ready(&mut self) -> Result<(), Error> {
+        if let (Some(hostname), Some(uds)) = (self.restored.take(), &self.vsock) {
+            let control = self.control.clone();
+            let r = agent::refresh_restored(uds, hostname.as_deref(), self.agent_timeout, || {
+                control.status().is_none()
+            });
+            self.agent_failed = r.is_err();
+            return r.map_err(Error::from);
+        }
         let Some(ready) = self.ready.take() else {
             return Ok(());
         };

@@ -256,14 +256,6 @@ impl KvmVm {
         let device_names: Vec<String> = virtio.iter().map(|v| v.name.clone()).collect();
         let mut cmdline = spec.cmdline.clone()
             + &attach_virtio(&vm, &mem, &mut mmio_bus, virtio, &gate, &mut transports)?;
-        if let Some(r) = &restore {
-            for (t, saved) in transports.iter().zip(&r.saved.virtio) {
-                t.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .restore(saved)
-                    .map_err(crate::snapshot::SnapshotError::from)?;
-            }
-        }
         // Test hook, off by default (see emulate::code_window).
         let fetch_mem = if emulate::code_window::enabled() {
             emulate::code_window::attach(&mem, &mut mmio_bus)?
@@ -319,6 +311,15 @@ impl KvmVm {
             }
             for (v, s) in vcpus.iter().zip(&r.saved.vcpus) {
                 snapshot::restore_vcpu(v, s)?;
+            }
+            // Devices last: what they raise on start (a vsock transport
+            // reset) reaches the restored local APICs. Their workers stay
+            // parked behind the gate until the vCPUs run.
+            for (t, saved) in transports.iter().zip(&r.saved.virtio) {
+                t.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore(saved)
+                    .map_err(crate::snapshot::SnapshotError::from)?;
             }
         }
         vcpu::install_kick_handler()?;

@@ -208,9 +208,10 @@ pub struct VsockHandler {
     mem: GuestMemoryMmap,
     rxq: Queue,
     txq: Queue,
-    // Never used: we send no events (no live migration), but keep the
-    // driver's buffers.
-    _evq: Queue,
+    /// Event queue: used once after a restore, for the transport reset.
+    evq: Queue,
+    /// A restored device still owes the guest a transport reset event.
+    reset_pending: bool,
     muxer: Muxer,
     interrupt: Arc<Interrupt>,
     warned: Warned,
@@ -219,7 +220,56 @@ pub struct VsockHandler {
     scratch: Vec<u8>,
 }
 
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2, 5.10.6.7).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Puts one transport-reset event (a `u32` id) into the first buffer of
+/// `evq`. `Ok(false)`: the driver has given no buffer yet.
+pub fn send_transport_reset(evq: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String> {
+    use virtio_queue::QueueOwnedT;
+    use vm_memory::Bytes;
+    let mut iter = evq.iter(mem).map_err(|e| e.to_string())?;
+    let Some(chain) = iter.next() else {
+        return Ok(false);
+    };
+    drop(iter);
+    let head = chain.head_index();
+    let mut written = 0u32;
+    for d in chain.writable() {
+        if d.len() >= 4 {
+            mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+                .map_err(|e| e.to_string())?;
+            written = 4;
+            break;
+        }
+    }
+    evq.add_used(mem, head, written).map_err(|e| e.to_string())?;
+    Ok(true)
+}
+
 impl VsockHandler {
+    /// Sends the transport reset a restored device owes, once the driver
+    /// has an event buffer: the guest then drops the connections it had
+    /// when the snapshot was taken (their host ends are gone).
+    fn send_pending_reset(&mut self) {
+        if !self.reset_pending || self.broken {
+            return;
+        }
+        match send_transport_reset(&mut self.evq, &self.mem) {
+            Ok(true) => {
+                self.reset_pending = false;
+                self.interrupt.signal_used();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.warned.warn(DEV, "event queue unusable", e);
+                self.reset_pending = false;
+                self.broken = true;
+                self.interrupt.set_needs_reset();
+            }
+        }
+    }
+
     fn finish(&mut self, pass: Pass) -> bool {
         if pass.broken {
             self.broken = true;
@@ -265,6 +315,10 @@ impl QueueHandler for VsockHandler {
                 t || r
             }
             RX_QUEUE => self.run_rx(),
+            EVENT_QUEUE => {
+                self.send_pending_reset();
+                false
+            }
             _ => false,
         };
         if notify && !self.broken {
@@ -273,6 +327,7 @@ impl QueueHandler for VsockHandler {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
+        self.send_pending_reset();
         if let Err(e) = ops.add(Events::with_data(
             &self.muxer,
             HANDLER_TOKENS.start,
@@ -384,7 +439,8 @@ impl VirtioDevice for Vsock {
             mem: a.mem,
             rxq,
             txq,
-            _evq: evq,
+            evq,
+            reset_pending: a.restored,
             muxer,
             interrupt: a.interrupt,
             warned: Warned::default(),
