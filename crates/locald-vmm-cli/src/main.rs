@@ -62,6 +62,10 @@ enum Command {
     /// Stop a named VM: clean guest poweroff (disks synced), forced after
     /// --timeout.
     Stop(named::StopArgs),
+    /// Pause a named VM and write its snapshot (state and memory) into a
+    /// new directory; it then runs on, or stops with --stop. Restore with
+    /// `start --name N --restore DIR`.
+    Snapshot(named::SnapshotArgs),
     /// List named VMs.
     Ps,
     /// Pull an OCI image into the cache (registry, OCI layout or archive).
@@ -531,6 +535,7 @@ fn main() -> ExitCode {
         Command::Exec(a) => return exit(named::exec(a)),
         Command::Stop(a) => return exit(named::stop(a).map(|()| 0)),
         Command::Ps => return exit(named::ps().map(|()| 0)),
+        Command::Snapshot(a) => return exit(named::snapshot(a).map(|()| 0)),
         Command::Pull(a) => return exit(images::pull(a)),
         Command::Images => return exit(images::images()),
         Command::Image(c) => return exit(images::image(c)),

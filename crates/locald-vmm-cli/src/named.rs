@@ -23,6 +23,12 @@ pub(crate) struct StartArgs {
     /// Name of the VM (letters, digits, '-', '_', '.').
     #[arg(long)]
     name: String,
+    /// Resume the snapshot in DIR instead of booting (`locald-vmm
+    /// snapshot`). vCPUs and memory come from the snapshot; give the same
+    /// devices (--disk, --share, --net…) it was taken with. The guest gets
+    /// fresh entropy, the host's clock and the VM's name as hostname.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) run: RunArgs,
 }
@@ -43,6 +49,17 @@ pub(crate) struct ExecArgs {
     /// Command and arguments (after `--`).
     #[arg(last = true, value_name = "CMD", required = true)]
     command: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct SnapshotArgs {
+    /// The VM.
+    name: String,
+    /// Directory for the snapshot: new or empty; created mode 0700.
+    dir: PathBuf,
+    /// Stop the VM once the snapshot is written.
+    #[arg(long)]
+    stop: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -276,6 +293,36 @@ impl ControlTarget for Served {
             None => "already stopped".into(),
         }
     }
+    fn snapshot(&mut self, dir: &Path, stop: bool) -> instance::Response {
+        let Some(vm) = self.vm.as_ref() else {
+            return instance::Response::Error {
+                message: "the VM is not running".into(),
+            };
+        };
+        let after = if stop {
+            locald_vmm::snapshot::AfterSnapshot::Stop
+        } else {
+            locald_vmm::snapshot::AfterSnapshot::Resume
+        };
+        match vm.snapshot(dir, after) {
+            Ok(info) => {
+                if stop {
+                    if let Some(vm) = self.vm.take() {
+                        let _ = vm.wait();
+                    }
+                }
+                instance::Response::Snapshotted {
+                    dir: info.dir,
+                    paused_ms: info.paused.as_millis() as u64,
+                    memory_bytes: info.memory_written,
+                    stopped: stop,
+                }
+            }
+            Err(e) => instance::Response::Error {
+                message: e.to_string(),
+            },
+        }
+    }
     fn running(&self) -> bool {
         // After SIGINT/SIGTERM the server still answers until the guest
         // has powered off (the signal thread asked it to).
@@ -302,6 +349,13 @@ fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
     cfg.agent = true;
     cfg.agent_timeout = Duration::from_secs(args.run.agent_timeout);
     cfg.console = ConsoleConfig::Stderr;
+    if let Some(dir) = &args.restore {
+        let dir = std::path::absolute(dir)
+            .with_context(|| format!("snapshot directory {}", dir.display()))?;
+        (cfg.vcpus, cfg.memory_mib) = locald_vmm::snapshot::machine_of(&dir)?;
+        cfg.restore = Some(dir);
+        cfg.hostname = Some(args.name.clone());
+    }
     let uds = dir.join("vsock.sock");
     cfg.vsock = Some(config::VsockConfig {
         guest_cid: 3,
@@ -386,6 +440,30 @@ pub(crate) fn stop(args: StopArgs) -> anyhow::Result<()> {
     let how = instance::stop(&args.name, Duration::from_secs(args.timeout))?;
     println!("{}: {how}", args.name);
     Ok(())
+}
+
+/// `snapshot NAME DIR [--stop]`.
+pub(crate) fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
+    let dir = std::path::absolute(&args.dir)
+        .with_context(|| format!("snapshot directory {}", args.dir.display()))?;
+    match instance::snapshot(&args.name, &dir, args.stop)? {
+        instance::Response::Snapshotted {
+            dir,
+            paused_ms,
+            memory_bytes,
+            stopped,
+        } => {
+            println!(
+                "{}: snapshot in {} (paused {paused_ms} ms, {:.1} MiB of memory written){}",
+                args.name,
+                dir.display(),
+                memory_bytes as f64 / f64::from(1 << 20),
+                if stopped { ", VM stopped" } else { "" }
+            );
+            Ok(())
+        }
+        other => anyhow::bail!("unexpected answer from VM '{}': {other:?}", args.name),
+    }
 }
 
 /// `ps`.

@@ -124,6 +124,15 @@ pub fn vsock_path(name: &str) -> PathBuf {
 pub enum Request {
     /// Describe the VM.
     Info,
+    /// Pause the VM, write its snapshot into `dir` (absolute; new or
+    /// empty), then resume it or, with `stop`, end it.
+    Snapshot {
+        /// Where the snapshot goes.
+        dir: PathBuf,
+        /// Stop the VM once the snapshot is written.
+        #[serde(default)]
+        stop: bool,
+    },
     /// Power the guest off cleanly (forced after `timeout_secs`), then the
     /// VMM exits.
     Stop {
@@ -169,6 +178,17 @@ pub enum Response {
     Info(Info),
     /// The VM stopped; `how` says how the guest ended.
     Stopped { how: String },
+    /// A snapshot was written.
+    Snapshotted {
+        /// Its directory.
+        dir: PathBuf,
+        /// How long the vCPUs were paused, in milliseconds.
+        paused_ms: u64,
+        /// Bytes of guest memory written.
+        memory_bytes: u64,
+        /// Whether the VM stopped after it.
+        stopped: bool,
+    },
     /// The request was refused.
     Error { message: String },
 }
@@ -186,6 +206,7 @@ pub fn call(name: &str, req: &Request) -> Result<Response, InstanceError> {
         }
         Request::Stop { timeout_secs } => Duration::from_secs(timeout_secs + 30),
         Request::Info => Duration::from_secs(10),
+        Request::Snapshot { .. } => Duration::from_secs(600),
     };
     let d = checked_dir(name)?.ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
     let path = d.join("control.sock");
@@ -259,6 +280,26 @@ pub fn stop(name: &str, timeout: Duration) -> Result<String, InstanceError> {
             message: format!("unexpected answer {other:?}"),
         }),
     }
+}
+
+/// Snapshots VM `name` into `dir` (absolute), stopping it after with
+/// `stop`; returns the server's answer.
+pub fn snapshot(name: &str, dir: &Path, stop: bool) -> Result<Response, InstanceError> {
+    let resp = call(
+        name,
+        &Request::Snapshot {
+            dir: dir.to_path_buf(),
+            stop,
+        },
+    )?;
+    if stop {
+        // As for `stop`: the VM's process removes its directory on exit.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self::dir(name).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(resp)
 }
 
 /// One entry of [`list`]: a VM's name and its info (or why there is none).
@@ -429,6 +470,8 @@ pub trait ControlTarget {
     fn stop(&mut self, timeout: Duration) -> String;
     /// Whether the VM still runs (the server exits when it does not).
     fn running(&self) -> bool;
+    /// Snapshots the VM into `dir` (stopping it after with `stop`).
+    fn snapshot(&mut self, dir: &Path, stop: bool) -> Response;
 }
 
 /// Serves `listener` until a stop request was handled or the VM ended.
@@ -471,6 +514,19 @@ pub fn serve_control(listener: &UnixListener, target: &mut dyn ControlTarget) ->
                     out.push('\n');
                     let _ = w.write_all(out.as_bytes());
                     return Ok(());
+                }
+                Ok(Request::Snapshot { dir, .. }) if !dir.is_absolute() => Response::Error {
+                message: format!("snapshot directory {} is not absolute", dir.display()),
+            },
+                Ok(Request::Snapshot { dir, stop }) => {
+                    let resp = target.snapshot(&dir, stop);
+                    if matches!(resp, Response::Snapshotted { stopped: true, .. }) {
+                        let mut out = serde_json::to_string(&resp).unwrap_or_default();
+                        out.push('\n');
+                        let _ = w.write_all(out.as_bytes());
+                        return Ok(());
+                    }
+                    resp
                 }
                 Err(message) => Response::Error { message },
             },

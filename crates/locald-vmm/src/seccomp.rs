@@ -334,6 +334,11 @@ const FS: &[i64] = &[
 /// [`compile`]). No KVM ioctl, no exec, no clone (threads come from the
 /// spawner).
 const MAIN: &[i64] = &[
+    // Snapshots: the private directory, the memory and state files.
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_pwrite64,
+    libc::SYS_ftruncate,
     libc::SYS_read,
     libc::SYS_readv,
     libc::SYS_writev,
@@ -569,6 +574,12 @@ fn allowed(kind: ThreadKind) -> (Vec<i64>, Vec<u64>) {
         ThreadKind::Main => {
             calls.extend_from_slice(MAIN);
             ioctls = stdio_ioctls();
+            // A snapshot reads the VM-wide state it saves (never sets it).
+            ioctls.extend([
+                kvm_ioctl::GET_IRQCHIP,
+                kvm_ioctl::GET_CLOCK,
+                kvm_ioctl::GET_PIT2,
+            ]);
         }
         ThreadKind::Control => {
             calls.extend_from_slice(CONTROL);

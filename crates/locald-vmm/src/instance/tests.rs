@@ -23,7 +23,16 @@ fn request_wire_format() {
         parse_request(r#"{"op":"stop","timeout_secs":3}"#),
         Ok(Request::Stop { timeout_secs: 3 })
     );
+    assert_eq!(
+        parse_request(r#"{"op":"snapshot","dir":"/s"}"#),
+        Ok(Request::Snapshot {
+            dir: "/s".into(),
+            stop: false
+        })
+    );
     for bad in [
+        r#"{"op":"snapshot"}"#,
+        r#"{"op":"snapshot","dir":"/s","stop":1}"#,
         "",
         "{}",
         "[1]",
@@ -65,6 +74,15 @@ impl ControlTarget for Fake {
     fn running(&self) -> bool {
         !self.stopped
     }
+    fn snapshot(&mut self, dir: &Path, stop: bool) -> Response {
+        self.stopped |= stop;
+        Response::Snapshotted {
+            dir: dir.to_path_buf(),
+            paused_ms: 3,
+            memory_bytes: 4096,
+            stopped: stop,
+        }
+    }
 }
 
 #[test]
@@ -95,6 +113,10 @@ fn control_server_answers_and_survives_bad_clients() {
         ask(format!("{{\"op\":\"stop\",\"timeout_secs\":{}}}\n", u64::MAX).as_bytes())
             .contains("too large")
     );
+    // Snapshots: relative directories are refused; a resumed VM serves on.
+    assert!(ask(b"{\"op\":\"snapshot\",\"dir\":\"rel/dir\"}\n").contains("not absolute"));
+    let r = ask(b"{\"op\":\"snapshot\",\"dir\":\"/s/1\"}\n");
+    assert!(r.contains("\"status\":\"snapshotted\"") && r.contains("\"stopped\":false"), "{r}");
     assert!(ask(b"{\"op\":\"stop\",\"timeout_secs\":1}\n").contains("poweroff"));
     assert!(server.join().unwrap());
     std::fs::remove_dir_all(&d).unwrap();

@@ -43,7 +43,7 @@ use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, ExitStatus, Outcome, VmControl};
 use crate::error::{BootError, Error};
 use snapshotter::check_shape;
-pub use snapshotter::Snapshotter;
+pub use snapshotter::{machine_of, Snapshotter};
 use vcpu::{SampleFlag, VcpuShared};
 
 /// Everything the backend needs to boot, resolved from the user's config.

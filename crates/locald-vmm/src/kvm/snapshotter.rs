@@ -121,6 +121,13 @@ pub fn load(dir: &Path) -> Result<Restore, SnapshotError> {
     Ok(Restore { saved, memory })
 }
 
+/// The vCPU count and memory size of the snapshot in `dir` (its state
+/// file checked as for a restore).
+pub fn machine_of(dir: &Path) -> Result<(u8, u64), SnapshotError> {
+    let r = load(dir)?;
+    Ok((r.saved.shape.vcpus, r.saved.shape.memory_mib))
+}
+
 /// Refuses a restore whose saved machine differs from the one `spec` and
 /// `virtio` describe.
 pub(super) fn check_shape(

@@ -115,6 +115,18 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
+/// The vCPU count and memory size (MiB) of the snapshot in `dir`, for a
+/// restore that takes its machine from the snapshot.
+pub fn machine_of(dir: &Path) -> Result<(u8, u64), SnapshotError> {
+    #[cfg(target_os = "linux")]
+    return crate::kvm::machine_of(dir);
+    #[cfg(not(target_os = "linux"))]
+    Err(SnapshotError::Unsupported(format!(
+        "{}: snapshots are restored by the KVM backend only",
+        dir.display()
+    )))
+}
+
 /// Makes `dir` a private directory of ours (created 0700 where missing,
 /// see [`hostdir`]) and checks that it holds no snapshot yet. Returns the
 /// resolved path.
