@@ -55,14 +55,19 @@ pub fn apply(r: &Refresh) -> Result<(), String> {
         }
         // SAFETY: the pointer and length describe the live slice `h`.
         if unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) } != 0 {
-            return Err(format!("setting the hostname: {}", io::Error::last_os_error()));
+            return Err(format!(
+                "setting the hostname: {}",
+                io::Error::last_os_error()
+            ));
         }
     }
     Ok(())
 }
 
 fn add_entropy(bytes: &[u8]) -> io::Result<()> {
-    let f = std::fs::OpenOptions::new().write(true).open("/dev/random")?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/random")?;
     let info = pool_info(bytes);
     // SAFETY: `info` is a complete rand_pool_info (header + buf_size bytes)
     // that lives for the call; the kernel only reads it.

@@ -296,9 +296,11 @@ pub fn refresh(uds: &Path, r: &Refresh) -> Result<(), AgentError> {
         Some(other) => Err(AgentError::Protocol(format!(
             "unexpected answer to Refresh: {other:?}"
         ))),
-        None => Err(AgentError::Protocol(
-            "the agent closed the stream before answering Refresh".into(),
-        )),
+        // A connection the guest's transport reset dropped: retried.
+        None => Err(AgentError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the agent closed the stream before answering Refresh",
+        ))),
     }
 }
 

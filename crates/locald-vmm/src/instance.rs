@@ -516,8 +516,8 @@ pub fn serve_control(listener: &UnixListener, target: &mut dyn ControlTarget) ->
                     return Ok(());
                 }
                 Ok(Request::Snapshot { dir, .. }) if !dir.is_absolute() => Response::Error {
-                message: format!("snapshot directory {} is not absolute", dir.display()),
-            },
+                    message: format!("snapshot directory {} is not absolute", dir.display()),
+                },
                 Ok(Request::Snapshot { dir, stop }) => {
                     let resp = target.snapshot(&dir, stop);
                     if matches!(resp, Response::Snapshotted { stopped: true, .. }) {

@@ -116,7 +116,10 @@ fn control_server_answers_and_survives_bad_clients() {
     // Snapshots: relative directories are refused; a resumed VM serves on.
     assert!(ask(b"{\"op\":\"snapshot\",\"dir\":\"rel/dir\"}\n").contains("not absolute"));
     let r = ask(b"{\"op\":\"snapshot\",\"dir\":\"/s/1\"}\n");
-    assert!(r.contains("\"status\":\"snapshotted\"") && r.contains("\"stopped\":false"), "{r}");
+    assert!(
+        r.contains("\"status\":\"snapshotted\"") && r.contains("\"stopped\":false"),
+        "{r}"
+    );
     assert!(ask(b"{\"op\":\"stop\",\"timeout_secs\":1}\n").contains("poweroff"));
     assert!(server.join().unwrap());
     std::fs::remove_dir_all(&d).unwrap();

@@ -210,8 +210,8 @@ pub struct VsockHandler {
     txq: Queue,
     /// Event queue: used once after a restore, for the transport reset.
     evq: Queue,
-    /// A restored device still owes the guest a transport reset event.
-    reset_pending: bool,
+    /// Where a restored device is with the guest's transport reset.
+    reset: ResetState,
     muxer: Muxer,
     interrupt: Arc<Interrupt>,
     warned: Warned,
@@ -219,6 +219,21 @@ pub struct VsockHandler {
     payload: Vec<u8>,
     scratch: Vec<u8>,
 }
+
+/// A restored device's transport reset (see [`send_transport_reset`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResetState {
+    /// Nothing owed (a device the driver started).
+    None,
+    /// Owed: waiting for an event buffer.
+    Pending,
+    /// Sent: host clients wait until the driver's next event-queue kick,
+    /// which comes after it dropped its stale connections.
+    Sent,
+}
+
+/// Longest time host clients wait for a restored guest's reset.
+pub const RESET_ACK_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2, 5.10.6.7).
 pub const EVENT_TRANSPORT_RESET: u32 = 0;
@@ -243,7 +258,17 @@ pub fn send_transport_reset(evq: &mut Queue, mem: &GuestMemoryMmap) -> Result<bo
             break;
         }
     }
-    evq.add_used(mem, head, written).map_err(|e| e.to_string())?;
+    evq.add_used(mem, head, written)
+        .map_err(|e| e.to_string())?;
+    // Ask for a kick on the driver's next buffer: it refills the event
+    // queue (and kicks) right after handling the reset. With EVENT_IDX
+    // that takes avail_event = the avail index now.
+    let avail_idx: u16 = mem
+        .read_obj(vm_memory::GuestAddress(evq.avail_ring().wrapping_add(2)))
+        .map_err(|e| e.to_string())?;
+    let avail_event = evq.used_ring().wrapping_add(4 + 8 * u64::from(evq.size()));
+    mem.write_obj(avail_idx, vm_memory::GuestAddress(avail_event))
+        .map_err(|e| e.to_string())?;
     Ok(true)
 }
 
@@ -252,18 +277,30 @@ impl VsockHandler {
     /// has an event buffer: the guest then drops the connections it had
     /// when the snapshot was taken (their host ends are gone).
     fn send_pending_reset(&mut self) {
-        if !self.reset_pending || self.broken {
+        if self.broken {
             return;
+        }
+        match self.reset {
+            ResetState::None => return,
+            // The driver's kick after the reset: it has dropped its
+            // stale connections; new ones are safe now.
+            ResetState::Sent => {
+                self.reset = ResetState::None;
+                self.muxer.release_host_clients();
+                return;
+            }
+            ResetState::Pending => {}
         }
         match send_transport_reset(&mut self.evq, &self.mem) {
             Ok(true) => {
-                self.reset_pending = false;
+                self.reset = ResetState::Sent;
                 self.interrupt.signal_used();
             }
             Ok(false) => {}
             Err(e) => {
                 self.warned.warn(DEV, "event queue unusable", e);
-                self.reset_pending = false;
+                self.reset = ResetState::None;
+                self.muxer.release_host_clients();
                 self.broken = true;
                 self.interrupt.set_needs_reset();
             }
@@ -435,12 +472,20 @@ impl VirtioDevice for Vsock {
         else {
             return Err(ActivateError::QueueCount { expected: 3, got });
         };
+        let mut muxer = muxer;
+        if a.restored {
+            muxer.hold_host_clients(RESET_ACK_LIMIT);
+        }
         let handler = VsockHandler {
             mem: a.mem,
             rxq,
             txq,
             evq,
-            reset_pending: a.restored,
+            reset: if a.restored {
+                ResetState::Pending
+            } else {
+                ResetState::None
+            },
             muxer,
             interrupt: a.interrupt,
             warned: Warned::default(),

@@ -144,6 +144,9 @@ pub struct Muxer {
     next_local_port: u32,
     /// Connections the guest opened (bounded by `max_guest_connections`).
     guest_init: std::collections::HashSet<ConnKey>,
+    /// Host clients wait in the listen backlog until then (a restored
+    /// guest has not yet dropped its stale connections).
+    held_until: Option<Instant>,
     warned: Warned,
 }
 
@@ -205,6 +208,7 @@ impl Muxer {
             local_ports: HashMap::new(),
             next_local_port: LOCAL_PORT_FIRST,
             guest_init: Default::default(),
+            held_until: None,
             warned: Warned::default(),
         })
     }
@@ -254,8 +258,47 @@ impl Muxer {
         self.rst_queued = 0;
         self.local_ports.clear();
         self.guest_init.clear();
+        self.release_host_clients();
         self.timer_armed = None;
         let _ = self.timer.clear();
+    }
+
+    /// Leaves new host clients in the listen backlog (the listener is not
+    /// watched) until [`Muxer::release_host_clients`], or `limit` at most.
+    /// A restored device holds them until the guest has handled its
+    /// transport reset, so the reset cannot drop a fresh connection.
+    pub fn hold_host_clients(&mut self, limit: Duration) {
+        if self.held_until.is_some() {
+            return;
+        }
+        let fd = self.listener.as_raw_fd();
+        let _ = self
+            .epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let d = Instant::now() + limit;
+        self.held_until = Some(d);
+        self.note_deadline(d);
+    }
+
+    /// Whether host clients are held back.
+    pub fn holds_host_clients(&self) -> bool {
+        self.held_until.is_some()
+    }
+
+    /// Takes host clients again (and those waiting in the backlog now).
+    pub fn release_host_clients(&mut self) {
+        if self.held_until.take().is_none() {
+            return;
+        }
+        let fd = self.listener.as_raw_fd();
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, fd as u64),
+        ) {
+            tracing::warn!("{DEV}: cannot watch the listener again: {e}");
+        }
+        self.accept_clients(Instant::now());
     }
 
     /// Whether the guest has packets waiting (an RX buffer would be used).
@@ -722,6 +765,10 @@ impl Muxer {
     /// the timer, which also clears its readiness.
     fn on_timer(&mut self, now: Instant) {
         self.timer_armed = None;
+        if self.held_until.is_some_and(|d| d <= now) {
+            tracing::warn!("{DEV}: the guest did not acknowledge the transport reset; taking host connections anyway");
+            self.release_host_clients();
+        }
         let late: Vec<RawFd> = self
             .clients
             .iter()
@@ -746,6 +793,7 @@ impl Muxer {
             .values()
             .map(|c| c.deadline)
             .chain(self.conns.values().filter_map(|c| c.deadline()))
+            .chain(self.held_until)
             .min();
         match next {
             Some(d) => self.arm(d),
