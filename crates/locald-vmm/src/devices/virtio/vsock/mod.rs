@@ -243,11 +243,9 @@ pub const EVENT_TRANSPORT_RESET: u32 = 0;
 pub fn send_transport_reset(evq: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String> {
     use virtio_queue::QueueOwnedT;
     use vm_memory::Bytes;
-    let mut iter = evq.iter(mem).map_err(|e| e.to_string())?;
-    let Some(chain) = iter.next() else {
+    let Some(chain) = evq.iter(mem).map_err(|e| e.to_string())?.next() else {
         return Ok(false);
     };
-    drop(iter);
     let head = chain.head_index();
     let mut written = 0u32;
     for d in chain.writable() {
