@@ -302,6 +302,11 @@ impl<D: BlockBackend> BlockEngine<D> {
 /// only through the interrupt at the end of the pass, so this changes no
 /// guest-visible ordering; it keeps the guest's ring, descriptors and
 /// headers hot in the cache while they are read, and the I/O back to back.
+/// It pays, if little: `locald-blk-bench`'s "virtio ns" (null backend,
+/// 4 KiB requests, 64 per pass, medians of 7 runs on a shared 2-core host)
+/// was 126-132 ns per request batched and 136-145 ns with the same round
+/// taking one request at a time (parse, execute, complete); 1 MiB requests
+/// showed no difference within the noise.
 ///
 /// This is the worker thread's code path; the benchmark calls it directly.
 pub fn process_queue<D: BlockBackend>(
