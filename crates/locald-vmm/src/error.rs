@@ -86,6 +86,37 @@ pub enum BootError {
     Setup(String),
 }
 
+/// Device setup failures: building, wiring and attaching the emulated
+/// devices and the vCPUs' device-like state (KVM backend).
+#[cfg(target_os = "linux")]
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A device's address range could not be placed on its bus.
+    #[error("device bus: {0}")]
+    Bus(#[from] crate::devices::BusError),
+    /// No interrupt line is left for another virtio device.
+    #[error("too many virtio devices: no interrupt line left for {name}")]
+    TooManyDevices { name: String },
+    /// A disk could not be opened.
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
+    /// The vsock device could not be created.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// The network device (its backend) could not be created.
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetError),
+    /// A shared directory could not be opened.
+    #[error("share {}: {err}", .path.display())]
+    Share { path: PathBuf, err: std::io::Error },
+    /// The vCPU's CPUID table could not be built.
+    #[error("cpuid: {0}")]
+    Cpuid(vmm_sys_util::fam::Error),
+    /// The vCPU's boot MSR list could not be built.
+    #[error("msrs: {0}")]
+    Msrs(vmm_sys_util::fam::Error),
+}
+
 // Causes are part of each message (not `#[source]`), so printing an error
 // with its chain never repeats them.
 
@@ -110,8 +141,15 @@ pub enum Error {
     TooManyVcpus(u8, usize),
     #[error("cannot allocate {0} MiB of guest memory: {1}")]
     Memory(u64, String),
+    /// Deprecated: being replaced by typed variants ([`Error::DeviceSetup`]
+    /// and friends); only code not yet converted still builds it.
     #[error("device setup failed: {0}")]
     Device(String),
+    #[cfg(target_os = "linux")]
+    #[error("device setup failed: {0}")]
+    DeviceSetup(#[from] DeviceError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("the VM failed: {0}")]
     Run(String),
     #[error(transparent)]

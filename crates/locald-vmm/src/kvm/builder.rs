@@ -52,7 +52,7 @@ impl KvmBackend {
         control: Arc<VmControl>,
     ) -> Result<Self, Error> {
         if config.seccomp {
-            crate::seccomp::check().map_err(|e| Error::Device(e.to_string()))?;
+            crate::seccomp::check()?;
         }
         let compat_reason = match config.cpu_compat {
             CpuCompat::On => Some("forced with --cpu-compat on"),

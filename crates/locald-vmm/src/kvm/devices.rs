@@ -5,7 +5,7 @@
 
 use super::VirtioSpec;
 use crate::config::VmConfig;
-use crate::error::Error;
+use crate::error::{DeviceError, Error};
 
 /// The virtio devices `config` asks for, in guest order: disks (root
 /// first), then the entropy device. Opening a disk takes its lock, so a
@@ -14,8 +14,8 @@ pub(crate) fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSpec>, Error
     let mut out = Vec::new();
     for (i, disk) in config.all_disks().enumerate() {
         let name = crate::config::disk_name(i);
-        let dev = crate::devices::virtio::block::Block::new(disk, &name)
-            .map_err(|e| Error::Device(e.to_string()))?;
+        let dev =
+            crate::devices::virtio::block::Block::new(disk, &name).map_err(DeviceError::from)?;
         out.push(VirtioSpec {
             name: format!("virtio-blk {name}"),
             device: Box::new(dev),
@@ -23,15 +23,14 @@ pub(crate) fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSpec>, Error
     }
     if let Some(v) = &config.vsock {
         let dev = crate::devices::virtio::vsock::Vsock::new(v.guest_cid, v.uds_path.clone())
-            .map_err(|e| Error::Device(e.to_string()))?;
+            .map_err(DeviceError::from)?;
         out.push(VirtioSpec {
             name: "virtio-vsock".into(),
             device: Box::new(dev),
         });
     }
     if let Some(n) = &config.net {
-        let dev = crate::devices::virtio::net::Net::from_config(n)
-            .map_err(|e| Error::Device(e.to_string()))?;
+        let dev = crate::devices::virtio::net::Net::from_config(n).map_err(DeviceError::from)?;
         out.push(VirtioSpec {
             name: "virtio-net".into(),
             device: Box::new(dev),
@@ -44,8 +43,11 @@ pub(crate) fn virtio_devices(config: &VmConfig) -> Result<Vec<VirtioSpec>, Error
             share.cache,
         );
         opts.read_only = share.read_only;
-        let fs = crate::devices::virtio::fs::ShareFs::new(opts)
-            .map_err(|e| Error::Device(format!("share {}: {e}", share.host_dir.display())))?;
+        let fs =
+            crate::devices::virtio::fs::ShareFs::new(opts).map_err(|err| DeviceError::Share {
+                path: share.host_dir.clone(),
+                err,
+            })?;
         let tag = crate::config::ShareConfig::tag(i);
         out.push(VirtioSpec {
             name: format!("virtio-fs {tag}"),

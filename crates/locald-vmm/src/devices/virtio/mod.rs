@@ -8,7 +8,9 @@
 //!   [`VirtioDevice`] impl, which runs on the vCPU thread that touched the
 //!   transport;
 //! - queue processing as a plain function over a `virtio_queue::Queue` and
-//!   guest memory, unit-tested with `virtio-queue`'s mock queue;
+//!   guest memory, built on the one queue contract ([`queue`]: notification
+//!   suppression, the EVENT_IDX re-check, the interrupt decision, the
+//!   broken state) and unit-tested with `virtio-queue`'s mock queue;
 //! - event-loop glue: a [`worker::QueueHandler`] that the device's worker
 //!   thread calls when the guest notifies a queue.
 //!
@@ -21,6 +23,7 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod persist;
+pub mod queue;
 pub mod rng;
 pub mod vsock;
 pub mod worker;
@@ -31,6 +34,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+pub use queue::{drain_queue, Pass, QueueWorker};
 
 /// Device type ids (virtio 1.2, section 5).
 pub mod device_type {
@@ -68,7 +73,41 @@ pub enum ActivateError {
     QueueCount { expected: usize, got: usize },
     /// The worker thread or its event loop could not be created.
     #[error("cannot start the device worker: {0}")]
-    Worker(String),
+    Worker(WorkerError),
+    /// The disk image could not be reopened (its previous worker died).
+    #[error("cannot reopen the disk image: {0}")]
+    Disk(block::BlockError),
+    /// The network backend is gone (its previous worker died with it).
+    #[error("the network backend is gone")]
+    BackendGone,
+    /// The vsock listener could not be set up again (its previous worker
+    /// died with it).
+    #[error(transparent)]
+    Vsock(vsock::VsockError),
+}
+
+/// Why a device's worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Creating the thread, its eventfds or its event loop failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The device refused to start, for a fixed reason of its own.
+    #[error("{0}")]
+    Refused(&'static str),
+}
+
+impl From<&'static str> for WorkerError {
+    fn from(reason: &'static str) -> Self {
+        WorkerError::Refused(reason)
+    }
+}
+
+impl From<std::io::Error> for ActivateError {
+    /// The worker could not be spawned (`Worker::spawn`).
+    fn from(e: std::io::Error) -> Self {
+        ActivateError::Worker(WorkerError::Io(e))
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
@@ -110,72 +149,6 @@ pub trait VirtioDevice: Send {
     /// Stops processing and forgets the queues (driver wrote status 0).
     /// Waits for in-flight requests, so nothing touches guest memory after.
     fn reset(&mut self);
-}
-
-/// Outcome of one pass over a queue.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Pass {
-    /// Chains completed.
-    pub completed: usize,
-    /// The guest should be interrupted.
-    pub notify: bool,
-    /// The queue is broken; the device needs a reset.
-    pub broken: bool,
-}
-
-/// The common queue loop of simple devices: with notifications disabled,
-/// hands each available chain to `serve` (which returns the bytes it wrote
-/// into the chain) and completes it, until — with notifications enabled
-/// again — the driver has added nothing new (the EVENT_IDX-safe pattern).
-/// A broken ring (e.g. an avail index that ran ahead) ends the pass with
-/// `broken`, logged once under `device`.
-pub fn drain_queue(
-    device: &str,
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    warned: &mut Warned,
-    mut serve: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>, &mut Warned) -> u32,
-) -> Pass {
-    use virtio_queue::{QueueOwnedT, QueueT};
-    let mut pass = Pass::default();
-    loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            warned.warn(device, "queue unusable", e);
-            pass.broken = true;
-            return pass;
-        }
-        let chains = match queue.iter(mem) {
-            Ok(it) => it.collect::<Vec<_>>(),
-            Err(e) => {
-                warned.warn(device, "queue unusable", e);
-                pass.broken = true;
-                return pass;
-            }
-        };
-        for chain in chains {
-            let head = chain.head_index();
-            let written = serve(chain, warned);
-            if let Err(e) = queue.add_used(mem, head, written) {
-                warned.warn(device, "used ring write failed", e);
-                pass.broken = true;
-                return pass;
-            }
-            pass.completed += 1;
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                warned.warn(device, "queue unusable", e);
-                pass.broken = true;
-                return pass;
-            }
-        }
-    }
-    if pass.completed > 0 {
-        pass.notify = queue.needs_notification(mem).unwrap_or(true);
-    }
-    pass
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling past the end: the

@@ -7,15 +7,13 @@
 //! queue work as a plain function (unit-tested with a mock queue); the
 //! [`RngHandler`] glue runs it on the device's worker thread.
 
-use std::sync::Arc;
-
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 
 use super::worker::{QueueHandler, Worker};
 pub use super::Pass;
 use super::{
-    device_type, drain_queue, ActivateError, Activation, Interrupt, VirtioDevice, Warned,
+    device_type, drain_queue, ActivateError, Activation, QueueWorker, VirtioDevice, Warned,
     COMMON_FEATURES,
 };
 
@@ -78,23 +76,14 @@ fn fill_random(buf: &mut [u8]) {
 pub struct RngHandler {
     mem: GuestMemoryMmap,
     queue: Queue,
-    interrupt: Arc<Interrupt>,
+    worker: QueueWorker,
     warned: Warned,
-    broken: bool,
 }
 
 impl QueueHandler for RngHandler {
     fn process_queue(&mut self, _index: usize) {
-        if self.broken {
-            return;
-        }
-        let pass = process_queue(&mut self.queue, &self.mem, &mut self.warned);
-        if pass.broken {
-            self.broken = true;
-            self.interrupt.set_needs_reset();
-        } else if pass.notify {
-            self.interrupt.signal_used();
-        }
+        let (queue, mem, warned) = (&mut self.queue, &self.mem, &mut self.warned);
+        self.worker.serve(|| process_queue(queue, mem, warned));
     }
 }
 
@@ -137,12 +126,10 @@ impl VirtioDevice for Rng {
         let handler = RngHandler {
             mem: a.mem,
             queue,
-            interrupt: a.interrupt,
+            worker: QueueWorker::new(a.interrupt),
             warned: Warned::default(),
-            broken: false,
         };
-        let worker = Worker::spawn("virtio-rng", a.queue_events, handler)
-            .map_err(|e| ActivateError::Worker(e.to_string()))?;
+        let worker = Worker::spawn("virtio-rng", a.queue_events, handler)?;
         self.worker = Some(worker);
         Ok(())
     }

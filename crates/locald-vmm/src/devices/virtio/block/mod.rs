@@ -24,15 +24,15 @@ pub mod request;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
-
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, VolatileMemory, VolatileSlice};
 
+use super::queue::{Broken, Rearm, Ring, CAUSE_UNUSABLE};
 use super::worker::{QueueHandler, Worker};
+pub use super::Pass;
 use super::{
-    device_type, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, Warned,
+    device_type, read_config_bytes, ActivateError, Activation, QueueWorker, VirtioDevice, Warned,
     COMMON_FEATURES,
 };
 use crate::config::{CacheMode, DiskConfig};
@@ -288,30 +288,25 @@ impl<D: BlockBackend> BlockEngine<D> {
     }
 }
 
-/// Outcome of one pass over the queue.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Pass {
-    /// Chains completed.
-    pub completed: usize,
-    /// The guest should be interrupted.
-    pub notify: bool,
-    /// The queue is broken; the device needs a reset.
-    pub broken: bool,
-}
-
 /// Processes every available request on `queue` until, with notifications
-/// re-enabled, the driver has added nothing new (the EVENT_IDX-safe
-/// pattern). `notify` says whether the guest wants an interrupt
-/// (`needs_notification`). If the ring itself is broken (the avail index
-/// runs more than a queue size ahead, a head index is out of range, a ring
-/// is outside guest memory) it stops with `broken`.
+/// re-enabled, the driver has added nothing new: one pass of the queue
+/// contract ([`super::queue`]), which owns notification suppression, the
+/// EVENT_IDX re-check and the interrupt decision (`notify`). If the ring
+/// itself is broken (the avail index runs more than a queue size ahead, a
+/// head index is out of range, a ring is outside guest memory) it stops
+/// with `broken`, after completing the requests before the break.
 ///
-/// Requests are taken in batches of whatever is available, in three
+/// Each round takes requests in batches of whatever is available, in three
 /// phases: parse every chain, execute every request in order, then write
 /// every status byte and used-ring entry. The guest learns of completions
 /// only through the interrupt at the end of the pass, so this changes no
 /// guest-visible ordering; it keeps the guest's ring, descriptors and
 /// headers hot in the cache while they are read, and the I/O back to back.
+/// It pays, if little: `locald-blk-bench`'s "virtio ns" (null backend,
+/// 4 KiB requests, 64 per pass, medians of 7 runs on a shared 2-core host)
+/// was 126-132 ns per request batched and 136-145 ns with the same round
+/// taking one request at a time (parse, execute, complete); 1 MiB requests
+/// showed no difference within the noise.
 ///
 /// This is the worker thread's code path; the benchmark calls it directly.
 pub fn process_queue<D: BlockBackend>(
@@ -319,10 +314,6 @@ pub fn process_queue<D: BlockBackend>(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
 ) -> Pass {
-    let mut pass = Pass::default();
-    if !queue.ready() {
-        return pass;
-    }
     let mut slices: Vec<VolatileSlice<'_>> = Vec::new();
     let mut heads: Vec<u16> = Vec::new();
     let table_addr = GuestAddress(queue.desc_table());
@@ -330,28 +321,14 @@ pub fn process_queue<D: BlockBackend>(
     // Map the descriptor table once per pass (it was validated at
     // activation; if it straddles memory regions, read it piecewise).
     let table = ChainWalker::map_table(mem, table_addr, size);
-    let broken = |engine: &mut BlockEngine<D>, pass: &mut Pass, e: &dyn std::fmt::Display| {
-        engine.warn("queue unusable", e);
-        pass.broken = true;
-        pass.notify = pass.completed > 0;
-    };
-    loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            broken(engine, &mut pass, &e);
-            return pass;
-        }
+    let mut ring = Ring::new(queue, mem);
+    let run = ring.run(|ring| {
         loop {
             // Take every available head at once (one read of avail.idx).
             heads.clear();
-            match queue.iter(mem) {
-                Ok(it) => heads.extend(it.map(|c| c.head_index())),
-                Err(e) => {
-                    broken(engine, &mut pass, &e);
-                    return pass;
-                }
-            }
+            heads.extend(ring.iter()?.map(|c| c.head_index()));
             if heads.is_empty() {
-                break;
+                return Ok(Rearm::Enable { again: true });
             }
             // A head outside the table breaks the ring: serve the chains
             // before it, then stop.
@@ -361,41 +338,18 @@ pub fn process_queue<D: BlockBackend>(
             for i in 0..engine.batch.len() {
                 let (head, done) = (engine.batch[i].0, engine.batch[i].1.done());
                 let used_len = engine.complete(mem, done);
-                if let Err(e) = queue.add_used(mem, head, used_len) {
-                    broken(engine, &mut pass, &e);
-                    return pass;
-                }
-                pass.completed += 1;
+                ring.complete(head, used_len)?;
             }
             if valid < heads.len() {
                 let bad = heads[valid];
-                broken(
-                    engine,
-                    &mut pass,
-                    &format_args!("descriptor head index {bad} >= queue size {size}"),
-                );
-                return pass;
+                return Err(Broken::new(
+                    CAUSE_UNUSABLE,
+                    format_args!("descriptor head index {bad} >= queue size {size}"),
+                ));
             }
         }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                broken(engine, &mut pass, &e);
-                return pass;
-            }
-        }
-    }
-    if pass.completed > 0 {
-        pass.notify = match queue.needs_notification(mem) {
-            Ok(n) => n,
-            Err(e) => {
-                engine.warn("queue unusable", e);
-                true
-            }
-        };
-    }
-    pass
+    });
+    ring.finish(&engine.name, run, &mut engine.warned)
 }
 
 /// Worker-thread glue: the queue, guest memory and the engine.
@@ -403,24 +357,13 @@ pub struct BlockHandler {
     engine: BlockEngine<DiskFile>,
     queue: Queue,
     mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    broken: bool,
+    worker: QueueWorker,
 }
 
 impl QueueHandler for BlockHandler {
     fn process_queue(&mut self, _index: usize) {
-        if self.broken {
-            return;
-        }
-        let pass = process_queue(&mut self.engine, &mut self.queue, &self.mem);
-        if pass.notify {
-            self.interrupt.signal_used();
-        }
-        if pass.broken {
-            // Stop touching the queue until the driver resets the device.
-            self.broken = true;
-            self.interrupt.set_needs_reset();
-        }
+        let (engine, queue, mem) = (&mut self.engine, &mut self.queue, &self.mem);
+        self.worker.serve(|| process_queue(engine, queue, mem));
     }
 }
 
@@ -498,8 +441,7 @@ impl Block {
             return Ok(e);
         }
         // The previous worker died with the image; open it again.
-        let file =
-            DiskFile::open(&self.config).map_err(|e| ActivateError::Worker(e.to_string()))?;
+        let file = DiskFile::open(&self.config).map_err(ActivateError::Disk)?;
         Ok(BlockEngine::new(
             file,
             self.info.clone(),
@@ -570,15 +512,13 @@ impl VirtioDevice for Block {
             engine,
             queue,
             mem: a.mem,
-            interrupt: a.interrupt,
-            broken: false,
+            worker: QueueWorker::new(a.interrupt),
         };
         let worker = Worker::spawn(
             &format!("virtio-blk {}", self.name),
             a.queue_events,
             handler,
-        )
-        .map_err(|e| ActivateError::Worker(e.to_string()))?;
+        )?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -32,7 +32,7 @@ use vm_memory::GuestMemoryMmap;
 use super::worker::{QueueHandler, Worker};
 pub use super::Pass;
 use super::{
-    device_type, drain_queue, read_config_bytes, ActivateError, Activation, Interrupt,
+    device_type, drain_queue, read_config_bytes, ActivateError, Activation, QueueWorker,
     VirtioDevice, Warned, COMMON_FEATURES,
 };
 pub use share::{ShareCache, ShareFs, ShareFsOptions};
@@ -98,9 +98,8 @@ pub struct FsHandler {
     server: Arc<FsServer>,
     /// The served file system, for the reset in [`QueueHandler::on_stop`].
     fs: Arc<ShareFs>,
-    interrupt: Arc<Interrupt>,
+    worker: QueueWorker,
     warned: Warned,
-    broken: bool,
 }
 
 impl QueueHandler for FsHandler {
@@ -111,19 +110,12 @@ impl QueueHandler for FsHandler {
     }
 
     fn process_queue(&mut self, index: usize) {
-        if self.broken {
-            return;
-        }
         let Some(queue) = self.queues.get_mut(index) else {
             return;
         };
-        let pass = process_queue(queue, &self.mem, &self.server, &mut self.warned);
-        if pass.broken {
-            self.broken = true;
-            self.interrupt.set_needs_reset();
-        } else if pass.notify {
-            self.interrupt.signal_used();
-        }
+        let (mem, server, warned) = (&self.mem, &self.server, &mut self.warned);
+        self.worker
+            .serve(|| process_queue(queue, mem, server, warned));
     }
 
     /// Device reset or teardown, on this worker thread (its filter has the
@@ -195,12 +187,10 @@ impl VirtioDevice for Fs {
             queues: a.queues,
             server: self.server.clone(),
             fs: self.fs.clone(),
-            interrupt: a.interrupt,
+            worker: QueueWorker::new(a.interrupt),
             warned: Warned::default(),
-            broken: false,
         };
-        let worker = Worker::spawn("virtio-fs", a.queue_events, handler)
-            .map_err(|e| ActivateError::Worker(e.to_string()))?;
+        let worker = Worker::spawn("virtio-fs", a.queue_events, handler)?;
         self.worker = Some(worker);
         Ok(())
     }

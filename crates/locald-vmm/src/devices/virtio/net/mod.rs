@@ -34,13 +34,15 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use super::queue::{run_pass, Broken, Rearm, Ring};
 use super::worker::{QueueHandler, Worker, HANDLER_TOKENS};
+pub use super::Pass;
 use super::{
-    device_type, read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, Warned,
+    device_type, read_config_bytes, ActivateError, Activation, QueueWorker, VirtioDevice, Warned,
     COMMON_FEATURES,
 };
 pub use backend::{NetBackend, Offloads};
@@ -48,6 +50,9 @@ pub use config::{GuestNet, NetBackendConfig, NetConfig};
 use header::{features as f, HDR_LEN, MAX_PACKET, NUM_BUFFERS_OFFSET, STATUS_LINK_UP};
 
 const DEV: &str = "virtio-net";
+/// Log prefixes of ring breaks, per queue.
+const RX_DEV: &str = "virtio-net RX";
+const TX_DEV: &str = "virtio-net TX";
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -66,28 +71,6 @@ pub enum NetError {
     /// The passt backend failed.
     #[error(transparent)]
     Passt(#[from] passt::PasstError),
-}
-
-/// Outcome of one pass over a queue.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Pass {
-    /// Chains completed.
-    pub completed: usize,
-    /// The guest should be interrupted.
-    pub notify: bool,
-    /// The queue is broken; the device needs a reset.
-    pub broken: bool,
-    /// The backend failed: the link is down.
-    pub backend_gone: bool,
-}
-
-/// Takes one chain off `queue`, distinguishing "none" from a broken ring
-/// (`pop_descriptor_chain` would log every failure).
-fn pop<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
-    Ok(queue.iter(mem)?.next())
 }
 
 /// Device-side state of transmit processing that outlives one pass.
@@ -143,7 +126,9 @@ fn read_tx_chain(
 
 /// Sends every packet the guest transmitted to `backend`, validating each
 /// header; a bad packet is dropped (its chain is still returned). Stops
-/// early while the backend reports `tx_blocked`.
+/// early, leaving notifications off, while the backend reports
+/// `tx_blocked` (resumed when its descriptor becomes writable). A backend
+/// that is gone sets `st.dead`.
 pub fn process_tx(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -151,26 +136,15 @@ pub fn process_tx(
     st: &mut TxState,
     warned: &mut Warned,
 ) -> Pass {
-    let mut pass = Pass::default();
     let limit = header::max_tx_packet(st.features);
-    loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            warned.warn(DEV, "TX queue unusable", e);
-            pass.broken = true;
-            return pass;
-        }
+    run_pass(TX_DEV, queue, mem, warned, |ring, warned| {
         loop {
             if !st.dead && backend.tx_blocked() {
-                break;
+                // Resumed when the backend's descriptor becomes writable.
+                return Ok(Rearm::Leave);
             }
-            let chain = match pop(queue, mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    warned.warn(DEV, "TX queue unusable", e);
-                    pass.broken = true;
-                    return pass;
-                }
+            let Some(chain) = ring.pop()? else {
+                return Ok(Rearm::Enable { again: true });
             };
             let head = chain.head_index();
             match read_tx_chain(mem, chain, &mut st.buf, limit) {
@@ -183,7 +157,6 @@ pub fn process_tx(
                             } else if is_gone(&e) {
                                 warned.warn(DEV, "backend gone", &e);
                                 st.dead = true;
-                                pass.backend_gone = true;
                             } else {
                                 warned.warn(DEV, "backend send failed", e);
                             }
@@ -197,31 +170,9 @@ pub fn process_tx(
                     warned.warn(DEV, cause, detail);
                 }
             }
-            if let Err(e) = queue.add_used(mem, head, 0) {
-                warned.warn(DEV, "used ring write failed", e);
-                pass.broken = true;
-                return pass;
-            }
-            pass.completed += 1;
+            ring.complete(head, 0)?;
         }
-        if !st.dead && backend.tx_blocked() {
-            // Resumed when the backend's descriptor becomes writable.
-            break;
-        }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                warned.warn(DEV, "TX queue unusable", e);
-                pass.broken = true;
-                return pass;
-            }
-        }
-    }
-    if pass.completed > 0 {
-        pass.notify = queue.needs_notification(mem).unwrap_or(true);
-    }
-    pass
+    })
 }
 
 /// Whether a backend error means the backend is gone for good.
@@ -272,8 +223,6 @@ enum Placed {
     NoBuffers(u16),
     /// Dropped (bad or too small buffers); its chains were returned.
     Dropped,
-    /// The used ring could not be written.
-    Broken,
 }
 
 /// The writable (address, length) regions of one receive chain.
@@ -295,26 +244,26 @@ fn rx_regions(chain: DescriptorChain<&GuestMemoryMmap>) -> Result<Regions, &'sta
 /// Places `packet` (header + frame) into guest buffers: one chain, or
 /// several with MRG_RXBUF (recording how many in `num_buffers`).
 fn place_rx(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    ring: &mut Ring<'_, '_>,
     packet: &mut [u8],
     mrg: bool,
     warned: &mut Warned,
-) -> Result<Placed, virtio_queue::Error> {
-    let start = queue.next_avail();
+) -> Result<Placed, Broken> {
+    let mem = ring.mem();
+    let start = ring.queue().next_avail();
     // (head, writable regions, bytes placed in this chain)
     let mut chains: Vec<(u16, Regions, usize)> = Vec::new();
     let mut room = 0usize;
     let mut bad: Option<&'static str> = None;
     while room < packet.len() {
-        if chains.len() >= usize::from(queue.size()) {
+        if chains.len() >= usize::from(ring.queue().size()) {
             // The whole ring cannot hold it.
             bad = Some("RX buffers too small for a frame");
             break;
         }
-        let Some(chain) = pop(queue, mem)? else {
-            let seen = queue.next_avail();
-            queue.set_next_avail(start);
+        let Some(chain) = ring.pop()? else {
+            let seen = ring.queue().next_avail();
+            ring.queue().set_next_avail(start);
             return Ok(Placed::NoBuffers(seen));
         };
         let head = chain.head_index();
@@ -364,10 +313,7 @@ fn place_rx(
     }
     for (head, _, take) in &chains {
         let len = if bad.is_some() { 0 } else { *take as u32 };
-        if let Err(e) = queue.add_used(mem, *head, len) {
-            warned.warn(DEV, "used ring write failed", e);
-            return Ok(Placed::Broken);
-        }
+        ring.complete(*head, len)?;
     }
     Ok(if bad.is_some() {
         Placed::Dropped
@@ -376,24 +322,10 @@ fn place_rx(
     })
 }
 
-/// Enables notifications so that the guest's next buffer *past* avail
-/// index `seen` triggers one (EVENT_IDX takes `next_avail` as
-/// avail_event); true if buffers beyond `seen` are already there.
-fn rearm_past(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    seen: u16,
-) -> Result<bool, virtio_queue::Error> {
-    let start = queue.next_avail();
-    queue.set_next_avail(seen);
-    let r = queue.enable_notification(mem);
-    queue.set_next_avail(start);
-    r
-}
-
 /// Moves packets from the backend into guest receive buffers while both
 /// last. A packet that finds no buffer waits in `st.pending` (the backend
-/// is not read meanwhile: backpressure).
+/// is not read meanwhile: backpressure) and notifications are armed for
+/// the next buffer. A backend that is gone sets `st.dead`.
 pub fn process_rx(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -401,14 +333,13 @@ pub fn process_rx(
     st: &mut RxState,
     warned: &mut Warned,
 ) -> Pass {
-    let mut pass = Pass::default();
     let mrg = st.features & f::MRG_RXBUF != 0;
-    loop {
+    run_pass(RX_DEV, queue, mem, warned, |ring, warned| loop {
         let n = match st.pending {
             Some(n) => n,
             None => {
                 if st.dead || !st.readable {
-                    break;
+                    return Ok(Rearm::Leave);
                 }
                 match backend.recv(&mut st.buf) {
                     Ok(Some(n)) if n < HDR_LEN => {
@@ -418,48 +349,23 @@ pub fn process_rx(
                     Ok(Some(n)) => n,
                     Ok(None) => {
                         st.readable = false;
-                        break;
+                        return Ok(Rearm::Leave);
                     }
                     Err(e) => {
                         warned.warn(DEV, "backend gone", e);
                         st.dead = true;
-                        pass.backend_gone = true;
-                        break;
+                        return Ok(Rearm::Leave);
                     }
                 }
             }
         };
         st.pending = Some(n);
-        match place_rx(queue, mem, &mut st.buf[..n], mrg, warned) {
-            Ok(Placed::Done) | Ok(Placed::Dropped) => {
-                st.pending = None;
-                pass.completed += 1;
-            }
-            Ok(Placed::NoBuffers(seen)) => match rearm_past(queue, mem, seen) {
-                // Buffers arrived meanwhile: try again.
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warned.warn(DEV, "RX queue unusable", e);
-                    pass.broken = true;
-                    return pass;
-                }
-            },
-            Ok(Placed::Broken) => {
-                pass.broken = true;
-                return pass;
-            }
-            Err(e) => {
-                warned.warn(DEV, "RX queue unusable", e);
-                pass.broken = true;
-                return pass;
-            }
+        match place_rx(ring, &mut st.buf[..n], mrg, warned)? {
+            Placed::Done | Placed::Dropped => st.pending = None,
+            // Tried again if buffers arrived meanwhile.
+            Placed::NoBuffers(seen) => return Ok(Rearm::EnablePast { seen }),
         }
-    }
-    if pass.completed > 0 {
-        pass.notify = queue.needs_notification(mem).unwrap_or(true);
-    }
-    pass
+    })
 }
 
 /// Worker-thread glue.
@@ -467,27 +373,19 @@ pub struct NetHandler {
     mem: GuestMemoryMmap,
     rxq: Queue,
     txq: Queue,
-    interrupt: Arc<Interrupt>,
+    worker: QueueWorker,
     backend: Box<dyn NetBackend>,
     rx: RxState,
     tx: TxState,
     warned: Warned,
     link: Arc<AtomicU16>,
-    broken: bool,
 }
 
 impl NetHandler {
-    fn after(&mut self, pass: Pass) {
-        if pass.broken {
-            self.broken = true;
-            self.interrupt.set_needs_reset();
-            return;
-        }
-        if pass.backend_gone {
+    /// After a pass: the link goes down if the backend died in it.
+    fn after(&mut self) {
+        if self.rx.dead || self.tx.dead {
             self.link_down();
-        }
-        if pass.notify {
-            self.interrupt.signal_used();
         }
     }
 
@@ -499,36 +397,32 @@ impl NetHandler {
                 "{DEV}: backend {} is gone: link down (the VM keeps running)",
                 self.backend.describe()
             );
-            self.interrupt.signal_config();
+            self.worker.interrupt().signal_config();
         }
     }
 
     fn rx(&mut self) {
-        if self.broken {
-            return;
-        }
-        let p = process_rx(
+        let (q, mem, be, st, w) = (
             &mut self.rxq,
             &self.mem,
             self.backend.as_mut(),
             &mut self.rx,
             &mut self.warned,
         );
-        self.after(p);
+        self.worker.serve(|| process_rx(q, mem, be, st, w));
+        self.after();
     }
 
     fn tx(&mut self) {
-        if self.broken {
-            return;
-        }
-        let p = process_tx(
+        let (q, mem, be, st, w) = (
             &mut self.txq,
             &self.mem,
             self.backend.as_mut(),
             &mut self.tx,
             &mut self.warned,
         );
-        self.after(p);
+        self.worker.serve(|| process_tx(q, mem, be, st, w));
+        self.after();
     }
 }
 
@@ -664,7 +558,7 @@ impl VirtioDevice for Net {
             return Err(ActivateError::QueueCount { expected: 2, got });
         }
         let Some(mut backend) = self.backend.take() else {
-            return Err(ActivateError::Worker("the backend is gone".into()));
+            return Err(ActivateError::BackendGone);
         };
         if let Err(e) = backend.set_guest_features(a.features) {
             tracing::warn!("{DEV}: cannot set receive offloads: {e}");
@@ -677,20 +571,18 @@ impl VirtioDevice for Net {
             mem: a.mem,
             rxq,
             txq,
-            interrupt: a.interrupt,
+            worker: QueueWorker::new(a.interrupt),
             backend,
             rx: RxState::new(a.features),
             tx: TxState::new(a.features),
             warned: Warned::default(),
             link: self.link.clone(),
-            broken: false,
         };
         if !self.link_up() {
             handler.rx.dead = true;
             handler.tx.dead = true;
         }
-        let worker = Worker::spawn(DEV, a.queue_events, handler)
-            .map_err(|e| ActivateError::Worker(e.to_string()))?;
+        let worker = Worker::spawn(DEV, a.queue_events, handler)?;
         self.worker = Some(worker);
         Ok(())
     }

@@ -31,17 +31,17 @@ mod sys;
 mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
+use super::queue::{run_pass, Rearm};
 use super::worker::{QueueHandler, Worker, HANDLER_TOKENS};
 pub use super::Pass;
 use super::{
-    device_type, drain_queue, read_config_bytes, ActivateError, Activation, Interrupt,
+    device_type, drain_queue, read_config_bytes, ActivateError, Activation, QueueWorker,
     VirtioDevice, Warned, COMMON_FEATURES,
 };
 pub use muxer::{Muxer, MuxerConfig};
@@ -121,23 +121,11 @@ pub fn process_rx(
     warned: &mut Warned,
     scratch: &mut [u8],
 ) -> Pass {
-    let mut pass = Pass::default();
-    loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            warned.warn(DEV, "RX queue unusable", e);
-            pass.broken = true;
-            return pass;
-        }
-        let mut used: Vec<(u16, u32)> = Vec::new();
+    let mut used: Vec<(u16, u32)> = Vec::new();
+    run_pass(DEV, queue, mem, warned, |ring, warned| {
+        used.clear();
         {
-            let mut iter = match queue.iter(mem) {
-                Ok(it) => it,
-                Err(e) => {
-                    warned.warn(DEV, "RX queue unusable", e);
-                    pass.broken = true;
-                    return pass;
-                }
-            };
+            let mut iter = ring.iter()?;
             while muxer.has_pending_rx() {
                 let Some(chain) = iter.next() else {
                     break;
@@ -158,7 +146,7 @@ pub fn process_rx(
                         // pending: the buffer can never carry it. Return
                         // it empty (as a too-small one) rather than leave
                         // it at the head of the ring, where the
-                        // enable-notification check below would find it
+                        // enable-notification re-check would find it
                         // again and again: a guest could spin this thread.
                         warned.warn(DEV, "RX buffer has no room for pending data", head);
                         used.push((head, 0));
@@ -177,30 +165,16 @@ pub fn process_rx(
                 }
             }
         }
-        for (head, len) in used {
-            if let Err(e) = queue.add_used(mem, head, len) {
-                warned.warn(DEV, "used ring write failed", e);
-                pass.broken = true;
-                return pass;
-            }
-            pass.completed += 1;
+        for &(head, len) in &used {
+            ring.complete(head, len)?;
         }
         // Always leave notifications on: the guest must tell us when it
-        // adds buffers, in case more packets come.
-        match queue.enable_notification(mem) {
-            Ok(true) if muxer.has_pending_rx() => continue,
-            Ok(_) => break,
-            Err(e) => {
-                warned.warn(DEV, "RX queue unusable", e);
-                pass.broken = true;
-                return pass;
-            }
-        }
-    }
-    if pass.completed > 0 {
-        pass.notify = queue.needs_notification(mem).unwrap_or(true);
-    }
-    pass
+        // adds buffers, in case more packets come. Buffers it added
+        // meanwhile are worth another round only if there is more to send.
+        Ok(Rearm::Enable {
+            again: muxer.has_pending_rx(),
+        })
+    })
 }
 
 /// Worker-thread glue: the queues, guest memory and the muxer.
@@ -213,9 +187,8 @@ pub struct VsockHandler {
     /// Where a restored device is with the guest's transport reset.
     reset: ResetState,
     muxer: Muxer,
-    interrupt: Arc<Interrupt>,
+    worker: QueueWorker,
     warned: Warned,
-    broken: bool,
     payload: Vec<u8>,
     scratch: Vec<u8>,
 }
@@ -241,7 +214,7 @@ pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Puts one transport-reset event (a `u32` id) into the first buffer of
 /// `evq`. `Ok(false)`: the driver has given no buffer yet.
 pub fn send_transport_reset(evq: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String> {
-    use virtio_queue::QueueOwnedT;
+    use virtio_queue::{QueueOwnedT, QueueT};
     use vm_memory::Bytes;
     let Some(chain) = evq.iter(mem).map_err(|e| e.to_string())?.next() else {
         return Ok(false);
@@ -273,9 +246,10 @@ pub fn send_transport_reset(evq: &mut Queue, mem: &GuestMemoryMmap) -> Result<bo
 impl VsockHandler {
     /// Sends the transport reset a restored device owes, once the driver
     /// has an event buffer: the guest then drops the connections it had
-    /// when the snapshot was taken (their host ends are gone).
+    /// when the snapshot was taken (their host ends are gone). Goes
+    /// through the queue contract: one completion to signal, or a break.
     fn send_pending_reset(&mut self) {
-        if self.broken {
+        if self.worker.is_broken() {
             return;
         }
         match self.reset {
@@ -289,75 +263,80 @@ impl VsockHandler {
             }
             ResetState::Pending => {}
         }
-        match send_transport_reset(&mut self.evq, &self.mem) {
+        let pass = match send_transport_reset(&mut self.evq, &self.mem) {
             Ok(true) => {
                 self.reset = ResetState::Sent;
-                self.interrupt.signal_used();
+                Pass {
+                    completed: 1,
+                    notify: true,
+                    broken: false,
+                }
             }
-            Ok(false) => {}
+            Ok(false) => Pass::default(),
             Err(e) => {
                 self.warned.warn(DEV, "event queue unusable", e);
                 self.reset = ResetState::None;
                 self.muxer.release_host_clients();
-                self.broken = true;
-                self.interrupt.set_needs_reset();
+                Pass {
+                    broken: true,
+                    ..Pass::default()
+                }
             }
-        }
+        };
+        self.worker.finish(&pass);
     }
 
-    fn finish(&mut self, pass: Pass) -> bool {
-        if pass.broken {
-            self.broken = true;
-            self.interrupt.set_needs_reset();
-            return false;
-        }
-        pass.notify
-    }
-
-    fn run_rx(&mut self) -> bool {
-        let pass = process_rx(
+    fn run_rx(&mut self) -> Pass {
+        process_rx(
             &mut self.rxq,
             &self.mem,
             &mut self.muxer,
             &mut self.warned,
             &mut self.scratch,
-        );
-        self.finish(pass)
+        )
     }
 
-    fn run_tx(&mut self) -> bool {
-        let pass = process_tx(
+    fn run_tx(&mut self) -> Pass {
+        process_tx(
             &mut self.txq,
             &self.mem,
             &mut self.muxer,
             &mut self.warned,
             &mut self.payload,
-        );
-        self.finish(pass)
+        )
+    }
+
+    /// One RX pass, unless the device is broken; interrupts per the
+    /// contract.
+    fn serve_rx(&mut self) {
+        if self.worker.is_broken() {
+            return;
+        }
+        let pass = self.run_rx();
+        self.worker.finish(&pass);
     }
 }
 
 impl QueueHandler for VsockHandler {
     fn process_queue(&mut self, index: usize) {
-        if self.broken {
+        if self.worker.is_broken() {
             return;
         }
-        let notify = match index {
+        match index {
             TX_QUEUE => {
-                // TX first: it may produce answers for RX.
+                // TX first: it may produce answers for RX. One interrupt
+                // for both.
                 let t = self.run_tx();
-                let r = !self.broken && self.run_rx();
-                t || r
+                let r = if t.broken {
+                    Pass::default()
+                } else {
+                    self.run_rx()
+                };
+                self.worker.finish(&t.merge(r));
             }
-            RX_QUEUE => self.run_rx(),
-            EVENT_QUEUE => {
-                self.send_pending_reset();
-                false
-            }
-            _ => false,
-        };
-        if notify && !self.broken {
-            self.interrupt.signal_used();
+            RX_QUEUE => self.serve_rx(),
+            EVENT_QUEUE => self.send_pending_reset(),
+            _ => {}
         }
     }
 
@@ -374,10 +353,7 @@ impl QueueHandler for VsockHandler {
 
     fn process_event(&mut self, _events: Events, _ops: &mut EventOps) {
         self.muxer.process_events();
-        // `run_rx` reports no notification when it broke the queue.
-        if !self.broken && self.run_rx() {
-            self.interrupt.signal_used();
-        }
+        self.serve_rx();
     }
 
     /// Device reset: drop every host connection (shutdown, epoll_ctl), on
@@ -463,7 +439,7 @@ impl VirtioDevice for Vsock {
             Some(m) => m,
             // The previous worker died with the muxer: listen again.
             None => Muxer::new(self.cid, self.uds_path.clone(), self.cfg)
-                .map_err(|e| ActivateError::Worker(e.to_string()))?,
+                .map_err(ActivateError::Vsock)?,
         };
         let mut queues = a.queues.into_iter();
         let (Some(rxq), Some(txq), Some(evq)) = (queues.next(), queues.next(), queues.next())
@@ -485,14 +461,12 @@ impl VirtioDevice for Vsock {
                 ResetState::None
             },
             muxer,
-            interrupt: a.interrupt,
+            worker: QueueWorker::new(a.interrupt),
             warned: Warned::default(),
-            broken: false,
             payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
             scratch: vec![0; MAX_PKT_PAYLOAD],
         };
-        let worker = Worker::spawn(DEV, a.queue_events, handler)
-            .map_err(|e| ActivateError::Worker(e.to_string()))?;
+        let worker = Worker::spawn(DEV, a.queue_events, handler)?;
         self.worker = Some(worker);
         Ok(())
     }
