@@ -115,6 +115,10 @@ pub enum DeviceError {
     /// The vCPU's boot MSR list could not be built.
     #[error("msrs: {0}")]
     Msrs(vmm_sys_util::fam::Error),
+    /// The test code window (a test hook, off by default) could not be
+    /// placed.
+    #[error("test code window: {0}")]
+    CodeWindow(String),
 }
 
 // Causes are part of each message (not `#[source]`), so printing an error
@@ -141,10 +145,15 @@ pub enum Error {
     TooManyVcpus(u8, usize),
     #[error("cannot allocate {0} MiB of guest memory: {1}")]
     Memory(u64, String),
-    /// Deprecated: being replaced by typed variants ([`Error::DeviceSetup`]
-    /// and friends); only code not yet converted still builds it.
-    #[error("device setup failed: {0}")]
-    Device(String),
+    /// `run` was called a second time.
+    #[error("this VM has already run")]
+    AlreadyRan,
+    /// `exec` on a VM without a vsock device (no agent).
+    #[error("this VM has no vsock device")]
+    NoVsock,
+    /// The Virtualization.framework backend got no runtime directory.
+    #[error("the VZ backend needs the VM's runtime directory")]
+    NoRuntimeDir,
     #[cfg(target_os = "linux")]
     #[error("device setup failed: {0}")]
     DeviceSetup(#[from] DeviceError),

@@ -145,7 +145,7 @@ impl VirtualMachine {
     /// Runs the guest to its end and returns how it ended. A VM runs once.
     pub fn run(&mut self) -> Result<ExitStatus, Error> {
         if self.ran {
-            return Err(Error::Device("this VM has already run".into()));
+            return Err(Error::AlreadyRan);
         }
         self.ran = true;
         let _raw = match self.run.console {
@@ -263,7 +263,7 @@ impl RunningVm {
         let uds = self
             .vsock
             .as_deref()
-            .ok_or_else(|| Error::Device("this VM has no vsock device".into()))?;
+            .ok_or(Error::NoVsock)?;
         Ok(agent::exec(uds, req, io, on_start)?)
     }
 

@@ -267,7 +267,7 @@ pub mod code_window {
     /// the memory the vCPU loop reads instructions from. `ram` itself (what
     /// KVM and the devices see) stays without it.
     pub fn attach(ram: &GuestMemoryMmap, mmio: &mut Bus) -> Result<GuestMemoryMmap, Error> {
-        let err = |e: String| Error::Device(format!("test code window: {e}"));
+        let err = |e: String| Error::from(crate::error::DeviceError::CodeWindow(e));
         let region = Arc::new(
             GuestRegionMmap::from_range(GuestAddress(BASE), SIZE as usize, None)
                 .map_err(|e| err(e.to_string()))?,

@@ -41,7 +41,7 @@ use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::worker::Gate;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{Bus, ExitStatus, Outcome, VmControl};
-use crate::error::{BootError, Error};
+use crate::error::{BootError, DeviceError, Error};
 use snapshotter::check_shape;
 pub use snapshotter::{machine_of, Snapshotter};
 use vcpu::{SampleFlag, VcpuShared};
@@ -90,10 +90,7 @@ fn attach_virtio(
         let base = layout::VIRTIO_MMIO_BASE + i as u64 * mmio::MMIO_WINDOW;
         let gsi = layout::VIRTIO_GSI_BASE + i as u32;
         if gsi > layout::IOAPIC_MAX_GSI {
-            return Err(Error::Device(format!(
-                "too many virtio devices: no interrupt line left for {}",
-                spec.name
-            )));
+            return Err(DeviceError::TooManyDevices { name: spec.name }.into());
         }
         let irq = EventFd::new(libc::EFD_NONBLOCK)?;
         vm.register_irqfd(&irq, gsi)
@@ -112,7 +109,7 @@ fn attach_virtio(
         transports.push(transport.clone());
         mmio_bus
             .insert(transport, base, mmio::MMIO_WINDOW)
-            .map_err(|e| Error::Device(e.to_string()))?;
+            .map_err(DeviceError::Bus)?;
         cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
     }
     Ok(cmdline)
@@ -231,7 +228,7 @@ impl KvmVm {
                 .map_err(crate::snapshot::SnapshotError::from)?,
         }));
         let mut pio = Bus::new();
-        let dev_err = |e: crate::devices::BusError| Error::Device(e.to_string());
+        let dev_err = |e: crate::devices::BusError| Error::from(DeviceError::Bus(e));
         pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
             .map_err(dev_err)?;
         pio.insert(

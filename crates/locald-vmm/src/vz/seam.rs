@@ -29,9 +29,7 @@ impl VzBackend {
         control: Arc<VmControl>,
         runtime_dir: Option<&RuntimeDir>,
     ) -> Result<Self, Error> {
-        let dir = runtime_dir.ok_or_else(|| {
-            Error::Device("the VZ backend needs the VM's runtime directory".into())
-        })?;
+        let dir = runtime_dir.ok_or(Error::NoRuntimeDir)?;
         let initrd = match image.initrd.take() {
             Some((_, bytes)) => {
                 let path = dir.0.join("initrd.cpio");
