@@ -69,6 +69,10 @@ pub struct Refresh {
     pub entropy: Vec<u8>,
     /// A new hostname, if the guest gets one.
     pub hostname: Option<Vec<u8>>,
+    /// virtio-fs shares to mount now, in the `/.locald/shares` format
+    /// (`locald_guest_spec::shares`): a warm guest's shares are bound
+    /// after its restore.
+    pub shares: Vec<u8>,
 }
 
 /// Most entropy bytes one `Refresh` carries.
@@ -296,6 +300,7 @@ impl Frame {
                     }
                     None => p.push(0),
                 }
+                put_bytes(&mut p, &r.shares);
                 ty::REFRESH
             }
             Frame::Started(pid) => {
@@ -392,10 +397,12 @@ impl Frame {
                     1 => Some(c.bytes()?),
                     t => return Err(ProtoError(format!("bad option tag {t}"))),
                 };
+                let shares = c.bytes()?;
                 Frame::Refresh(Refresh {
                     time_ns: lo | (hi << 32),
                     entropy,
                     hostname,
+                    shares,
                 })
             }
             ty::STARTED => Frame::Started(c.u32()?),
@@ -513,6 +520,7 @@ mod tests {
                 time_ns: 1_780_000_000_123_456_789,
                 entropy: (0..64).collect(),
                 hostname: Some(b"clone-1".to_vec()),
+                shares: b"share0\0/mnt/src\0rw\0".to_vec(),
             }),
             Frame::Refresh(Refresh::default()),
             Frame::Started(42),

@@ -4,7 +4,8 @@
 //! snapshot must not draw the same random numbers), the wall clock is set
 //! to the host's, and the hostname changes if the host gives one. Runs in
 //! the agent's connection handler process (root), before the host lets
-//! any command run.
+//! any command run. Shares given with it are mounted (a warm guest's
+//! shares are bound after the restore).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -47,6 +48,19 @@ pub fn apply(r: &Refresh) -> Result<(), String> {
         // SAFETY: `ts` is a valid timespec for the duration of the call.
         if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
             return Err(format!("setting the clock: {}", io::Error::last_os_error()));
+        }
+    }
+    if !r.shares.is_empty() {
+        let shares =
+            locald_guest_spec::shares::decode(&r.shares).map_err(|e| format!("shares: {e}"))?;
+        for s in &shares {
+            crate::shares::mount(s).map_err(|e| {
+                format!(
+                    "mounting share {} at {}: {e}",
+                    String::from_utf8_lossy(&s.tag),
+                    String::from_utf8_lossy(&s.path)
+                )
+            })?;
         }
     }
     if let Some(h) = &r.hostname {

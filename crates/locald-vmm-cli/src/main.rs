@@ -82,6 +82,10 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct PrepareArgs {
+    /// Also make the default guest's warm snapshot (what `run` restores
+    /// instead of booting), for the default vCPUs and memory.
+    #[arg(long)]
+    snapshot: bool,
     /// Guest architecture: x86_64 (amd64) or aarch64 (arm64). Default: the
     /// host's. The aarch64 kernel is cross-built with Debian's
     /// gcc-aarch64-linux-gnu (about ten minutes on two cores, once).
@@ -189,6 +193,10 @@ pub(crate) struct RunArgs {
     /// (stdout and stderr mixed with the console; no vsock device).
     #[arg(long)]
     serial: bool,
+    /// Boot the default guest instead of restoring its warm snapshot
+    /// (made on first use, or by `prepare --snapshot`).
+    #[arg(long)]
+    pub(crate) cold: bool,
     /// Seconds to wait for the guest agent before giving up.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     agent_timeout: u64,
@@ -333,6 +341,8 @@ pub(crate) fn config_from(args: &RunArgs) -> anyhow::Result<VmConfig> {
             }),
         user: args.user.clone(),
         restore: None,
+        late_shares: false,
+        snapshot_at_ready: None,
         hostname: args.hostname.clone(),
         shares: {
             let cache =
@@ -499,6 +509,9 @@ fn prepare(args: &PrepareArgs) -> anyhow::Result<()> {
             "cmdline (software KVM): {}",
             locald_vmm::guest_cmdline(true, Some(""))
         );
+    }
+    if args.snapshot {
+        println!("snapshot:  {}", named::prepare_snapshot(arch)?.display());
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use anyhow::Context;
 use locald_vmm::agent::{ExecIo, ExecOutcome, ExecRequest};
 use locald_vmm::instance::{self, ControlTarget, Info};
 use locald_vmm::publish::{self, PortMap, Publisher};
-use locald_vmm::{config, ConsoleConfig, RunningVm, VirtualMachine};
+use locald_vmm::{config, warm, ConsoleConfig, RunningVm, VirtualMachine};
 
 use crate::{config_from, init_logging, install_main_filter, signals, RunArgs};
 
@@ -175,7 +175,11 @@ pub(crate) fn run_with_agent(args: RunArgs) -> anyhow::Result<u8> {
         ConsoleConfig::Null
     };
     let seccomp = cfg.seccomp;
-    let mut vm = VirtualMachine::new(cfg)?.spawn()?;
+    // A warm guest has no disks (see `locald_vmm::warm`): its root is
+    // tmpfs and its shares write through to the host, so once the command
+    // ended nothing of it needs a clean poweroff.
+    let warm_guest = warm::cold_reason(&cfg).is_none() && !args.cold;
+    let mut vm = new_warm(cfg, args.cold)?.spawn()?;
     signals::set_target(vm.stopper());
     if seccomp {
         install_main_filter()?;
@@ -195,12 +199,61 @@ pub(crate) fn run_with_agent(args: RunArgs) -> anyhow::Result<u8> {
     });
     // After a signal the guest is already powering off (or stopped):
     // whatever the command's relay saw, the answer is the signal.
-    let status = vm.stop(STOP_GRACE)?;
+    let status = if warm_guest && signals::received().is_none() {
+        vm.stopper().force_stop();
+        vm.wait()?
+    } else {
+        vm.stop(STOP_GRACE)?
+    };
     tracing::info!("guest ended: {status:?}");
     if let Some(sig) = signals::received() {
         return Ok(signals::exit_code(sig));
     }
     code
+}
+
+/// Builds `cfg`'s VM, restoring the default guest's warm snapshot where
+/// it can (see `locald_vmm::warm`); a snapshot that no longer restores is
+/// removed and the VM boots cold as the new snapshot's template.
+fn new_warm(cfg: locald_vmm::VmConfig, cold: bool) -> anyhow::Result<VirtualMachine> {
+    let mut planned = cfg.clone();
+    let plan = warm::plan(&mut planned, cold)?;
+    tracing::info!("start: {plan:?}");
+    match VirtualMachine::new(planned) {
+        Ok(vm) => Ok(vm),
+        Err(e) => match &plan {
+            warm::Plan::Restore(dir) if warm::discard_if_stale(dir, &e) => {
+                let mut again = cfg;
+                warm::plan(&mut again, false)?;
+                Ok(VirtualMachine::new(again)?)
+            }
+            _ => Err(e.into()),
+        },
+    }
+}
+
+/// `prepare --snapshot`: the default guest's warm snapshot for the default
+/// vCPUs and memory (made now unless cached); returns its directory.
+pub(crate) fn prepare_snapshot(arch: locald_vmm::GuestArch) -> anyhow::Result<PathBuf> {
+    let mut cfg = locald_vmm::VmConfig {
+        arch,
+        agent: true,
+        console: ConsoleConfig::Null,
+        ..locald_vmm::VmConfig::default()
+    };
+    match warm::plan(&mut cfg, false)? {
+        warm::Plan::Restore(dir) => Ok(dir),
+        warm::Plan::Cold(why) => anyhow::bail!("no warm snapshot for this guest: {why}"),
+        warm::Plan::Template(dir) => {
+            let mut vm = VirtualMachine::new(cfg)?.spawn()?;
+            vm.wait_ready()?;
+            let _ = vm.stop(STOP_GRACE);
+            if !dir.join(locald_vmm::snapshot::STATE_FILE).exists() {
+                anyhow::bail!("the warm snapshot was not stored (run with LOCALD_VMM_LOG=info)");
+            }
+            Ok(dir)
+        }
+    }
 }
 
 /// `start`: spawns `serve` in its own session and waits for its verdict
@@ -362,7 +415,11 @@ fn serve_inner(args: &StartArgs) -> anyhow::Result<u8> {
         uds_path: uds.clone(),
     });
     let (cpus, memory_mib, seccomp) = (cfg.vcpus, cfg.memory_mib, cfg.seccomp);
-    let vm = VirtualMachine::new(cfg)?;
+    let vm = if cfg.restore.is_some() {
+        VirtualMachine::new(cfg)?
+    } else {
+        new_warm(cfg, args.run.cold)?
+    };
     let exposed = vm
         .image()
         .map(|i| i.config.exposed_ports.clone())

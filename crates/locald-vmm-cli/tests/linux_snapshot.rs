@@ -211,3 +211,130 @@ fn named_vm_snapshot_and_two_concurrent_restores() {
     let _ = std::fs::remove_dir_all(&base);
     let _: PathBuf = base;
 }
+
+/// `run` on the default guest restores its warm snapshot: made by
+/// `prepare --snapshot` (or on first use), restored by every later run
+/// with the run's own share bound after the restore, fresh randomness and
+/// the host's clock; exit codes pass through; `--cold` boots; a damaged
+/// cached snapshot is replaced by a cold boot, not an error.
+#[test]
+fn warm_runs_with_a_share_and_cold_runs() {
+    if !kvm_present() {
+        return;
+    }
+    let pid = std::process::id();
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("linux-warm-{pid}"));
+    let _ = std::fs::remove_dir_all(&base);
+    let share = base.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("in.txt"), b"from the host\n").unwrap();
+
+    let out = vmm().args(["prepare", "--snapshot"]).output().unwrap();
+    let said = ok(&out, "prepare --snapshot");
+    let dir = said
+        .lines()
+        .find_map(|l| l.strip_prefix("snapshot:"))
+        .map(|d| PathBuf::from(d.trim()))
+        .unwrap_or_else(|| panic!("no snapshot line: {said}"));
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["state", "memory"] {
+        let m = std::fs::metadata(dir.join(f)).unwrap().permissions().mode();
+        assert_eq!(m & 0o777, 0o600, "{f}");
+    }
+
+    // Twice with the share: the first may make the one-share snapshot,
+    // the second restores it.
+    let run_share = |tag: &str| {
+        let out = vmm()
+            .args(["run", "--share"])
+            .arg(format!("{}:/mnt/s", share.display()))
+            .args([
+                "--",
+                "sh",
+                "-c",
+                &format!(
+                    "cat /mnt/s/in.txt; echo {tag} > /mnt/s/{tag}.txt; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; exit 7"
+                ),
+            ])
+            .env("LOCALD_VMM_LOG", "info")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(7),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (stdout, stderr)
+    };
+    let (first, _) = run_share("one");
+    let before = now();
+    let (second, log) = run_share("two");
+    let after = now();
+    assert!(
+        log.contains("start: Restore"),
+        "the second run did not restore:\n{log}"
+    );
+    let mut randoms = Vec::new();
+    for (out, tag) in [(&first, "one"), (&second, "two")] {
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert_eq!(lines[0], "from the host");
+        assert_eq!(
+            std::fs::read_to_string(share.join(format!("{tag}.txt"))).unwrap(),
+            format!("{tag}\n")
+        );
+        randoms.push(lines[2].to_string());
+    }
+    let t: u64 = second.lines().nth(1).unwrap().parse().unwrap();
+    assert!(
+        t + 2 >= before && t <= after + 2,
+        "guest {t}, host {before}..{after}"
+    );
+    assert_ne!(
+        randoms[0], randoms[1],
+        "two warm runs drew the same random bytes"
+    );
+
+    // The default warm snapshot, then --cold.
+    let out = vmm()
+        .args(["run", "--", "sh", "-c", "echo warm"])
+        .env("LOCALD_VMM_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(ok(&out, "warm run").trim(), "warm");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("start: Restore"));
+    let out = vmm()
+        .args(["run", "--cold", "--", "sh", "-c", "echo cold"])
+        .env("LOCALD_VMM_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(ok(&out, "cold run").trim(), "cold");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Cold(Asked)"));
+
+    // A damaged cached snapshot: removed, the run boots cold and stores a
+    // new one.
+    let state = dir.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x11;
+    std::fs::remove_file(&state).unwrap();
+    std::fs::write(&state, &bytes).unwrap();
+    std::fs::set_permissions(&state, PermissionsExt::from_mode(0o600)).unwrap();
+    let out = vmm()
+        .args(["run", "--", "sh", "-c", "echo rebuilt"])
+        .env("LOCALD_VMM_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(ok(&out, "run over a damaged snapshot").trim(), "rebuilt");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be used"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fresh = std::fs::read(&state).expect("a new snapshot stored");
+    assert_ne!(fresh, bytes);
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -269,7 +269,7 @@ pub const REFRESH_ENTROPY: usize = 64;
 
 /// A refresh for a restored guest: the host's wall clock now, fresh
 /// random bytes, and `hostname` if it changes.
-pub fn refresh_now(hostname: Option<&str>) -> io::Result<Refresh> {
+pub fn refresh_now(hostname: Option<&str>, shares: &[u8]) -> io::Result<Refresh> {
     let mut entropy = vec![0u8; REFRESH_ENTROPY];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut entropy)?;
     let time_ns = std::time::SystemTime::now()
@@ -279,6 +279,7 @@ pub fn refresh_now(hostname: Option<&str>) -> io::Result<Refresh> {
         time_ns,
         entropy,
         hostname: hostname.map(|h| h.as_bytes().to_vec()),
+        shares: shares.to_vec(),
     })
 }
 
@@ -310,12 +311,13 @@ pub fn refresh(uds: &Path, r: &Refresh) -> Result<(), AgentError> {
 pub fn refresh_restored(
     uds: &Path,
     hostname: Option<&str>,
+    shares: &[u8],
     timeout: Duration,
     alive: impl Fn() -> bool,
 ) -> Result<(), AgentError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = refresh_now(hostname)?;
+        let r = refresh_now(hostname, shares)?;
         match refresh(uds, &r) {
             Ok(()) => return Ok(()),
             // The agent answered, and not with success: no retry.

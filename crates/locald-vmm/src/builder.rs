@@ -96,7 +96,7 @@ impl GuestImage {
 /// The command spec for the guest init, when the config needs one.
 /// `default_init`: the guest runs our init (default kernel and initramfs),
 /// which alone reads the network and share specs.
-fn command_spec(config: &VmConfig, default_init: bool) -> Option<assets::GuestCommand> {
+pub(crate) fn command_spec(config: &VmConfig, default_init: bool) -> Option<assets::GuestCommand> {
     let root = config.rootfs.as_ref().map(|r| assets::GuestRoot {
         device: format!("/dev/{}", config::disk_name(0)),
         fstype: r.fstype.clone(),
@@ -110,7 +110,7 @@ fn command_spec(config: &VmConfig, default_init: bool) -> Option<assets::GuestCo
         .filter(|_| default_init)
         .map(|n| n.guest_spec());
     // Shares on the default guest: `/.locald/shares` tells init where to mount them.
-    let shares: Vec<assets::GuestShare> = if default_init {
+    let shares: Vec<assets::GuestShare> = if default_init && !config.late_shares {
         config
             .shares
             .iter()

@@ -44,6 +44,7 @@ pub mod snapshot;
 pub(crate) mod test_support;
 mod vm;
 pub mod vz;
+pub mod warm;
 
 pub use cmdline::{
     compat_cmdline, guest_cmdline, BASE_CMDLINE, COMPAT_CLEARCPUID, COMPAT_CMDLINE,

@@ -28,9 +28,10 @@ pub struct VirtualMachine {
     ready: Option<agent::ReadyListener>,
     agent_timeout: Duration,
     image: Option<crate::image::PreparedImage>,
-    /// Restored from a snapshot: `wait_ready` refreshes the guest, with
-    /// this hostname.
-    restored: Option<Option<String>>,
+    /// What `wait_ready` sends the guest once it is ready.
+    refresh: Option<RefreshPlan>,
+    /// Where `wait_ready` stores a warm snapshot at agent-ready.
+    snapshot_at_ready: Option<PathBuf>,
     // Dropped last: the sockets inside it go first.
     _runtime_dir: Option<RuntimeDir>,
 }
@@ -68,6 +69,7 @@ impl VirtualMachine {
             // Its agent said it was ready before the snapshot; it listens.
             link.ready = None;
         }
+        let refresh = RefreshPlan::of(&config);
         let control = Arc::new(VmControl::new());
         let backend = Backend::build(
             &config,
@@ -89,7 +91,8 @@ impl VirtualMachine {
             vsock_path: link.vsock_path,
             ready: link.ready,
             agent_timeout: config.agent_timeout,
-            restored: config.restore.as_ref().map(|_| config.hostname.clone()),
+            refresh,
+            snapshot_at_ready: config.snapshot_at_ready.clone(),
             image,
             _runtime_dir: link.runtime_dir,
         })
@@ -118,7 +121,8 @@ impl VirtualMachine {
         let vsock = self.vsock_path.clone();
         let control = self.control.clone();
         let agent_timeout = self.agent_timeout;
-        let restored = self.restored.clone();
+        let refresh = self.refresh.clone();
+        let snapshot_at_ready = self.snapshot_at_ready.clone();
         let kind = self.run.seccomp.then_some(seccomp::ThreadKind::Main);
         let snapshotter = self.snapshotter();
         let thread = seccomp::spawn("vm".into(), kind, move || {
@@ -138,7 +142,8 @@ impl VirtualMachine {
             vsock,
             agent_timeout,
             agent_failed: false,
-            restored,
+            refresh,
+            snapshot_at_ready,
         })
     }
 
@@ -197,9 +202,50 @@ pub struct RunningVm {
     agent_timeout: Duration,
     /// `wait_ready` failed: there is no agent to ask for a clean poweroff.
     agent_failed: bool,
-    /// Restored from a snapshot (with the hostname it gets): `wait_ready`
-    /// sends the clone refresh.
-    restored: Option<Option<String>>,
+    /// What `wait_ready` sends the guest once it is ready.
+    refresh: Option<RefreshPlan>,
+    /// Where `wait_ready` stores a warm snapshot at agent-ready.
+    snapshot_at_ready: Option<PathBuf>,
+}
+
+/// The refresh a guest gets before any command: a restored guest's clone
+/// refresh (entropy, clock, hostname) and the shares the agent mounts.
+#[derive(Clone, Debug)]
+struct RefreshPlan {
+    /// Restored: the agent listens already (no readiness call); retry
+    /// until it answers.
+    restored: bool,
+    hostname: Option<String>,
+    /// Shares to mount, in the guest spec's format.
+    shares: Vec<u8>,
+}
+
+impl RefreshPlan {
+    fn of(config: &VmConfig) -> Option<Self> {
+        let restored = config.restore.is_some();
+        if !restored && !config.late_shares {
+            return None;
+        }
+        let shares: Vec<locald_guest_spec::ShareSpec> = config
+            .shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| locald_guest_spec::ShareSpec {
+                tag: crate::config::ShareConfig::tag(i).into_bytes(),
+                path: s.guest_path.as_bytes().to_vec(),
+                read_only: s.read_only,
+            })
+            .collect();
+        Some(RefreshPlan {
+            restored,
+            hostname: if restored {
+                config.hostname.clone()
+            } else {
+                None
+            },
+            shares: locald_guest_spec::shares::encode(&shares),
+        })
+    }
 }
 
 impl RunningVm {
@@ -226,14 +272,37 @@ impl RunningVm {
     /// here it gets its clone refresh (fresh entropy, the host's clock,
     /// its hostname) before the caller can run anything.
     pub fn wait_ready(&mut self) -> Result<(), Error> {
-        if let (Some(hostname), Some(uds)) = (self.restored.take(), &self.vsock) {
-            let control = self.control.clone();
-            let r = agent::refresh_restored(uds, hostname.as_deref(), self.agent_timeout, || {
-                control.status().is_none()
-            });
-            self.agent_failed = r.is_err();
-            return r.map_err(Error::from);
+        let plan = self.refresh.take();
+        if let (Some(p), Some(uds)) = (&plan, &self.vsock) {
+            if p.restored {
+                let control = self.control.clone();
+                let r = agent::refresh_restored(
+                    uds,
+                    p.hostname.as_deref(),
+                    &p.shares,
+                    self.agent_timeout,
+                    || control.status().is_none(),
+                );
+                self.agent_failed = r.is_err();
+                return r.map_err(Error::from);
+            }
         }
+        self.wait_ready_call()?;
+        if let Some(dir) = self.snapshot_at_ready.take() {
+            // A warm snapshot that fails to store costs only its speed.
+            if let Err(e) = crate::warm::store(self, &dir) {
+                tracing::warn!("could not store the warm snapshot {}: {e}", dir.display());
+            }
+        }
+        if let (Some(p), Some(uds)) = (plan, &self.vsock) {
+            let r = agent::refresh_now(p.hostname.as_deref(), &p.shares)?;
+            agent::refresh(uds, &r)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the agent's readiness call.
+    fn wait_ready_call(&mut self) -> Result<(), Error> {
         let Some(ready) = self.ready.take() else {
             return Ok(());
         };
@@ -260,10 +329,7 @@ impl RunningVm {
         io: agent::ExecIo<'_>,
         on_start: impl FnOnce(agent::ExecHandle),
     ) -> Result<agent::ExecOutcome, Error> {
-        let uds = self
-            .vsock
-            .as_deref()
-            .ok_or(Error::NoVsock)?;
+        let uds = self.vsock.as_deref().ok_or(Error::NoVsock)?;
         Ok(agent::exec(uds, req, io, on_start)?)
     }
 

@@ -330,6 +330,14 @@ pub struct VmConfig {
     /// snapshot's; the kernel, initrd, command line and command are not
     /// used. See [`crate::snapshot`].
     pub restore: Option<PathBuf>,
+    /// The agent mounts the shares once it is ready, rather than the init
+    /// at boot: how a warm snapshot's template boots (its snapshot holds
+    /// no mounted share), and what every restored guest does.
+    pub late_shares: bool,
+    /// Once the agent is ready, snapshot the VM into this directory (it
+    /// runs on) before the shares are mounted: how a warm snapshot is made
+    /// ([`crate::warm`]).
+    pub snapshot_at_ready: Option<PathBuf>,
 }
 
 /// Which OCI image to boot, and how to fetch it.
@@ -375,6 +383,8 @@ impl Default for VmConfig {
             user: None,
             hostname: None,
             restore: None,
+            late_shares: false,
+            snapshot_at_ready: None,
         }
     }
 }

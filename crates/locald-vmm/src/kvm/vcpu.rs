@@ -214,15 +214,13 @@ pub fn create(
         .map_err(Error::kvm("KVM_CREATE_VCPU"))?;
     let mut entries = supported.to_vec();
     cpuid::configure(&mut entries, id, cpus, masked);
-    let cpuid =
-        CpuId::from_entries(&entries).map_err(crate::error::DeviceError::Cpuid)?;
+    let cpuid = CpuId::from_entries(&entries).map_err(crate::error::DeviceError::Cpuid)?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(Error::kvm("KVM_SET_CPUID2"))?;
     let Some(entry) = entry else {
         return Ok(vcpu);
     };
-    let msrs = Msrs::from_entries(&regs::boot_msrs())
-        .map_err(crate::error::DeviceError::Msrs)?;
+    let msrs = Msrs::from_entries(&regs::boot_msrs()).map_err(crate::error::DeviceError::Msrs)?;
     vcpu.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
     let lapic = vcpu.get_lapic().map_err(Error::kvm("KVM_GET_LAPIC"))?;
     vcpu.set_lapic(&regs::set_lint(lapic))
