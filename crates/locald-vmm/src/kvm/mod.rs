@@ -14,6 +14,7 @@ pub mod host;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+mod teardown;
 pub mod vcpu;
 
 use std::collections::HashMap;
@@ -115,6 +116,17 @@ pub struct KvmVm {
     vcpus: Vec<VcpuFd>,
     shared: Arc<VcpuShared>,
     serial: Arc<Mutex<SerialDevice>>,
+}
+
+// Teardown hook (issue 17): the host's destruction of the VM goes to a
+// helper process (see `teardown`); the fields then drop as before.
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        // vCPU descriptors hold the VM too: close them first (they are
+        // already gone once the VM has run).
+        self.vcpus.clear();
+        teardown::hand_off(&self._vm, &self.shared.mem);
+    }
 }
 
 fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, Error> {
