@@ -45,6 +45,9 @@ fn default_guest_runs_commands() {
     let out = vmm()
         .args([
             "run",
+            // This test is the default guest's boot (markers, boot-time
+            // kernel checks): the warm path is tests/linux_snapshot.rs.
+            "--cold",
             "--agent-timeout",
             "300",
             "--cpus",

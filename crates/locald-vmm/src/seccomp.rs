@@ -99,7 +99,8 @@ pub enum ThreadKind {
     /// The VMM's own thread: the CLI's main thread, and the library's `vm`
     /// thread behind [`crate::VirtualMachine::spawn`]. Waits for the guest,
     /// kicks and joins vCPUs, tears the VM down, talks to the agent and
-    /// serves the control socket. No KVM calls, no process creation.
+    /// serves the control socket. No KVM calls, no process creation but
+    /// the VM teardown's flagless fork (see `kvm/teardown.rs`).
     Main,
     /// A vCPU thread: `KVM_RUN` and the few vCPU ioctls the exit handlers
     /// use, device emulation (eventfds), starting and stopping workers.
@@ -111,7 +112,8 @@ pub enum ThreadKind {
     Control,
     /// The seccomp spawner thread ([`spawn`]): starts threads for filtered
     /// threads. Its list is the union of all the others (the threads it
-    /// starts inherit it) plus thread creation; no process creation.
+    /// starts inherit it) plus thread creation; no process creation but
+    /// the `Main` list's teardown fork.
     Spawner,
 }
 
@@ -385,6 +387,11 @@ const MAIN: &[i64] = &[
     libc::SYS_getuid,
     libc::SYS_geteuid,
     libc::SYS_rt_sigtimedwait,
+    // The VM teardown hand-off (kvm/teardown.rs): its first helper keeps
+    // only the VM descriptor and a pipe (`close_range`: closing, as `close`
+    // does); the pipe tells the second when the VMM let go of the VM.
+    libc::SYS_close_range,
+    libc::SYS_pipe2,
 ];
 
 /// Console input, publish and agent-stdin threads, the CLI's signal
@@ -663,6 +670,11 @@ fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
             })
             .map_err(err)?;
         rules.insert(libc::SYS_prlimit64, vec![read_only]);
+        // The VM teardown hand-off (kvm/teardown.rs): a fork with no flags
+        // at all (no exit signal, nothing shared). The helpers run under
+        // this same filter (no exec), close descriptors and exit; the
+        // Spawner's own `clone` rule below adds the threads.
+        rules.insert(libc::SYS_clone, vec![plain_fork().map_err(err)?]);
     }
     if kind == ThreadKind::Spawner {
         // Threads only: glibc's pthread_create passes CLONE_THREAD (and
@@ -675,7 +687,9 @@ fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         )
         .and_then(|c| SeccompRule::new(vec![c]))
         .map_err(err)?;
-        rules.insert(libc::SYS_clone, vec![thread]);
+        // The `vm` thread (a Main thread started here) stays under this
+        // filter too: it needs the teardown's flagless fork as well.
+        rules.insert(libc::SYS_clone, vec![thread, plain_fork().map_err(err)?]);
         // Allowed here, answered with ENOSYS by [`clone3_enosys`]'s
         // filter (a stricter action wins): its flags are behind a pointer.
         rules.insert(libc::SYS_clone3, Vec::new());
@@ -708,6 +722,13 @@ fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     )
     .map_err(err)?;
     filter.try_into().map_err(err)
+}
+
+/// `clone` with flags 0 (arg 0, all 64 bits): the teardown hand-off's
+/// fork, see kvm/teardown.rs.
+fn plain_fork() -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)
+        .and_then(|c| SeccompRule::new(vec![c]))
 }
 
 /// The spawner's second filter: `clone3` fails with `ENOSYS`, everything

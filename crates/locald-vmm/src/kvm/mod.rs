@@ -16,6 +16,7 @@ pub mod mptable;
 pub mod regs;
 pub mod snapshot;
 mod snapshotter;
+mod teardown;
 pub mod vcpu;
 
 use std::collections::HashMap;
@@ -148,6 +149,19 @@ pub struct Restore {
     pub saved: snapshot::SavedMachine,
     /// The memory file (mapped `MAP_PRIVATE`).
     pub memory: std::fs::File,
+}
+
+// Teardown hook (issue 17): the host's destruction of the VM goes to a
+// helper process (see `teardown`); the fields then drop as before.
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        // vCPU descriptors hold the VM too: close them first (they are
+        // already gone once the VM has run).
+        self.vcpus.clear();
+        // A snapshot handle may hold the VM descriptor longer: the helper
+        // waits for the last close of it, wherever that happens.
+        teardown::hand_off(&*self.parts.vm, &self.parts.mem);
+    }
 }
 
 fn guest_memory(mib: u64) -> Result<GuestMemoryMmap, Error> {

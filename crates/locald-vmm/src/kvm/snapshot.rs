@@ -99,6 +99,77 @@ pub struct SavedMachine {
 
 type R<T> = Result<T, SnapshotError>;
 
+/// Most vCPUs and devices a state file may describe.
+const MAX_ITEMS: usize = 256;
+
+impl SavedMachine {
+    /// Checks what a state file says about itself before anything is
+    /// built from it: counts that agree, RAM regions that are page-aligned,
+    /// ordered and small enough, queues that are valid virtio queues, a
+    /// UART FIFO within bounds. The state file is hostile input until then.
+    pub fn validate(&self) -> R<()> {
+        let bad = |what: String| Err(SnapshotError::Mismatch(what));
+        let s = &self.shape;
+        if s.vcpus == 0 || self.vcpus.len() != usize::from(s.vcpus) {
+            return bad(format!(
+                "{} vCPU states for {} vCPUs",
+                self.vcpus.len(),
+                s.vcpus
+            ));
+        }
+        if s.devices.len() > MAX_ITEMS || self.virtio.len() != s.devices.len() {
+            return bad(format!(
+                "{} device states for {} devices",
+                self.virtio.len(),
+                s.devices.len()
+            ));
+        }
+        if s.ram.is_empty() || s.ram.len() > 8 {
+            return bad(format!("{} RAM regions", s.ram.len()));
+        }
+        let mut end_gpa = 0u64;
+        let mut end_file = 0u64;
+        let mut total = 0u64;
+        for r in &s.ram {
+            let aligned = |v: u64| v.is_multiple_of(4096);
+            if !aligned(r.guest_addr) || !aligned(r.size) || !aligned(r.file_offset) || r.size == 0
+            {
+                return bad(format!("RAM region {r:x?} is not page-aligned"));
+            }
+            if r.guest_addr < end_gpa || r.file_offset < end_file {
+                return bad(format!("RAM region {r:x?} overlaps the one before"));
+            }
+            end_gpa = r.guest_addr.checked_add(r.size).ok_or_else(|| {
+                SnapshotError::Mismatch(format!("RAM region {r:x?} wraps"))
+            })?;
+            end_file = r.file_offset.checked_add(r.size).ok_or_else(|| {
+                SnapshotError::Mismatch(format!("RAM region {r:x?} wraps"))
+            })?;
+            total = total.saturating_add(r.size);
+        }
+        if total != s.memory_mib.saturating_mul(1 << 20) {
+            return bad(format!(
+                "RAM regions of {total} bytes for {} MiB",
+                s.memory_mib
+            ));
+        }
+        for t in &self.virtio {
+            if t.queues.len() > 16 {
+                return bad(format!("{}: {} queues", t.name, t.queues.len()));
+            }
+            for (i, q) in t.queues.iter().enumerate() {
+                if let Err(why) = q.to_queue(q.max_size) {
+                    return bad(format!("{} queue {i}: {why}", t.name));
+                }
+            }
+        }
+        if self.serial.in_buffer.len() > 64 || self.serial.pending.len() > 1 << 16 {
+            return bad("the UART's buffers are over their bounds".into());
+        }
+        Ok(())
+    }
+}
+
 /// Largest XSAVE area we save (`kvm_xsave`, 4 KiB). Hosts whose guests
 /// may use more (AMX) are refused rather than saved in part.
 pub const XSAVE_LIMIT: i32 = 4096;

@@ -111,6 +111,7 @@ impl Snapshotter {
 pub fn load(dir: &Path) -> Result<Restore, SnapshotError> {
     let bytes = files::read_state(dir)?;
     let saved: SavedMachine = files::format::decode(&bytes)?;
+    saved.validate()?;
     if saved.arch != std::env::consts::ARCH {
         return Err(SnapshotError::ForeignHost(format!(
             "it is a {} snapshot",
