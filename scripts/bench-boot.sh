@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Boot time of the default guest: N boots of `locald-vmm run -- true` per
+# Boot time of the default guest: N boots of `locald-vmm run --cold -- true` per
 # vCPU count, reporting the medians of (a) process start → the init's first
 # action (the VMM's "guest marker 1 (userspace reached) at X s" log line)
 # and (b) process start → exit. Runs the counts alternately, so a change in
@@ -25,7 +25,7 @@ median() { sort -g | awk '{v[NR]=$1} END{ if (NR==0) print "-"; else if (NR%2) p
 for i in $(seq "$RUNS"); do
   for c in $CPUS; do
     t0=$(date +%s.%N)
-    if ! LOCALD_VMM_LOG=info "$BIN" run --cpus "$c" --memory "$MEM" --timeout 300 "${EXTRA[@]}" -- true >"$tmp/out" 2>"$tmp/err"; then
+    if ! LOCALD_VMM_LOG=info "$BIN" run --cold --cpus "$c" --memory "$MEM" --timeout 300 "${EXTRA[@]}" -- true >"$tmp/out" 2>"$tmp/err"; then
       echo "run $i, $c vCPU: failed:" >&2; cat "$tmp/err" >&2; exit 1
     fi
     t1=$(date +%s.%N)
