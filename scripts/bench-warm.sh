@@ -50,9 +50,9 @@ for i in $(seq "$N"); do
 done
 wait
 t1=$(date +%s.%N)
-fails=$(grep -l failed "$tmp"/c*.time | wc -l)
+fails=$( { grep -l failed "$tmp"/c*.time || true; } | wc -l)
 distinct=$(cat "$tmp"/c*.out | sort -u | wc -l)
-echo "$N concurrent warm runs: $((N - fails)) succeeded, $distinct distinct random outputs, batch wall $(echo "$t1 - $t0" | bc) s, median per run $(cat "$tmp"/c*.time | grep -v failed | median) s"
+echo "$N concurrent warm runs: $((N - fails)) succeeded, $distinct distinct random outputs, batch wall $(echo "$t1 - $t0" | bc) s, median per run $( { grep -hv failed "$tmp"/c*.time || true; } | median) s"
 [ "$fails" -eq 0 ] || { cat "$tmp"/c*.err >&2; exit 1; }
 
 "$DIR/locald-restore-bench" --runs "$RUNS"

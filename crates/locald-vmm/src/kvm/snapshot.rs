@@ -139,12 +139,14 @@ impl SavedMachine {
             if r.guest_addr < end_gpa || r.file_offset < end_file {
                 return bad(format!("RAM region {r:x?} overlaps the one before"));
             }
-            end_gpa = r.guest_addr.checked_add(r.size).ok_or_else(|| {
-                SnapshotError::Mismatch(format!("RAM region {r:x?} wraps"))
-            })?;
-            end_file = r.file_offset.checked_add(r.size).ok_or_else(|| {
-                SnapshotError::Mismatch(format!("RAM region {r:x?} wraps"))
-            })?;
+            end_gpa = r
+                .guest_addr
+                .checked_add(r.size)
+                .ok_or_else(|| SnapshotError::Mismatch(format!("RAM region {r:x?} wraps")))?;
+            end_file = r
+                .file_offset
+                .checked_add(r.size)
+                .ok_or_else(|| SnapshotError::Mismatch(format!("RAM region {r:x?} wraps")))?;
             total = total.saturating_add(r.size);
         }
         if total != s.memory_mib.saturating_mul(1 << 20) {

@@ -151,6 +151,12 @@ impl MmioTransport {
     /// Saves the transport and its queues. Call only while the vCPUs and
     /// the device's worker are parked (see [`super::persist`]).
     pub fn save(&self) -> Result<TransportSnapshot, PersistError> {
+        if let Some(why) = self.device.snapshot_blocker() {
+            return Err(PersistError::Unsaveable {
+                name: self.name.clone(),
+                why,
+            });
+        }
         let queues = self
             .queues
             .iter()

@@ -149,6 +149,11 @@ pub trait VirtioDevice: Send {
     /// Stops processing and forgets the queues (driver wrote status 0).
     /// Waits for in-flight requests, so nothing touches guest memory after.
     fn reset(&mut self);
+    /// Why this device's state cannot be saved now, if it cannot (see
+    /// [`persist`]): state that lives on the host and in the guest at once.
+    fn snapshot_blocker(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling past the end: the

@@ -96,6 +96,8 @@ pub enum PersistError {
     },
     #[error("{name}: cannot read the used ring of queue {index} from guest memory")]
     UsedRing { name: String, index: usize },
+    #[error("{name}: {why}")]
+    Unsaveable { name: String, why: String },
 }
 
 /// The used ring of a ready queue is outside guest memory.

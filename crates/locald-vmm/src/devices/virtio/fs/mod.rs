@@ -159,6 +159,15 @@ impl Fs {
 }
 
 impl VirtioDevice for Fs {
+    fn snapshot_blocker(&self) -> Option<String> {
+        self.fs.in_session().then(|| {
+            format!(
+                "the share {} is mounted in the guest: its FUSE session (inode numbers the guest holds) cannot be saved; unmount it first",
+                self.fs.options().root.display()
+            )
+        })
+    }
+
     fn device_type(&self) -> u32 {
         device_type::FS
     }

@@ -246,6 +246,9 @@ pub struct ShareFs {
     /// Inode → lookup count, as handed to the kernel.
     inodes: Mutex<HashMap<u64, u64>>,
     handles: AtomicUsize,
+    /// The guest has mounted the share (FUSE_INIT, until FUSE_DESTROY or
+    /// a device reset): its inode numbers live in the guest's kernel.
+    session: std::sync::atomic::AtomicBool,
 }
 
 impl ShareFs {
@@ -289,7 +292,13 @@ impl ShareFs {
             host_root,
             inodes: Mutex::new(inodes),
             handles: AtomicUsize::new(0),
+            session: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether the guest has the share mounted (a FUSE session is open).
+    pub fn in_session(&self) -> bool {
+        self.session.load(Ordering::SeqCst)
     }
 
     /// The options in force (canonical root).
@@ -404,10 +413,12 @@ impl FileSystem for ShareFs {
         // 128 KiB reads: the server copies straight between guest memory
         // and the file either way, so bigger requests cost less per byte.
         opts |= FsOptions::BIG_WRITES | FsOptions::MAX_PAGES;
+        self.session.store(true, Ordering::SeqCst);
         Ok(opts)
     }
 
     fn destroy(&self) {
+        self.session.store(false, Ordering::SeqCst);
         self.inner.destroy();
         if let Ok(mut m) = self.inodes.lock() {
             m.retain(|&k, _| k == ROOT_INODE);

@@ -1032,3 +1032,27 @@ fn rename_then_link_without_dac_read_search() {
     .unwrap();
     assert_eq!(std::fs::read(share.join("file")).unwrap(), b"inside");
 }
+
+/// A mounted share holds inode numbers in the guest's kernel: its device
+/// refuses to be saved in a snapshot until the guest unmounts it (or the
+/// device is reset).
+#[test]
+fn a_mounted_share_blocks_a_snapshot() {
+    use crate::devices::virtio::VirtioDevice;
+    let dir = std::env::temp_dir().join(format!("locald-fs-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let share = Arc::new(ShareFs::new(ShareFsOptions::new(&dir, false, ShareCache::Auto)).unwrap());
+    assert!(!share.in_session());
+    let dev = Fs::new(
+        "share0",
+        ShareFs::new(ShareFsOptions::new(&dir, false, ShareCache::Auto)).unwrap(),
+    );
+    assert_eq!(dev.snapshot_blocker(), None);
+    share
+        .init(fuse_backend_rs::abi::fuse_abi::FsOptions::empty())
+        .unwrap();
+    assert!(share.in_session());
+    share.destroy();
+    assert!(!share.in_session());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
