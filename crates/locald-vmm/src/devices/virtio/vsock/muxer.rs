@@ -1189,6 +1189,37 @@ mod tests {
         (c, out[0].0)
     }
 
+    /// A restored device holds host clients in the backlog until the
+    /// guest acknowledged its transport reset, or the limit passed.
+    #[test]
+    fn held_host_clients_wait_for_release_or_the_limit() {
+        let dir = TempDir::new("hold");
+        let mut m = muxer(&dir);
+        m.hold_host_clients(Duration::from_secs(30));
+        assert!(m.holds_host_clients());
+        let mut c = client(&m);
+        c.write_all(b"CONNECT 52\n").unwrap();
+        let until = std::time::Instant::now() + Duration::from_millis(200);
+        while std::time::Instant::now() < until {
+            m.process_events();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!m.has_pending_rx(), "a held client reached the guest");
+        m.release_host_clients();
+        pump_until(&mut m, |m| m.has_pending_rx());
+        assert_eq!(ops(&drain(&mut m)), [op::REQUEST]);
+        // The limit releases them too.
+        m.hold_host_clients(Duration::from_millis(50));
+        let mut c2 = client(&m);
+        c2.write_all(b"CONNECT 53\n").unwrap();
+        pump_until(&mut m, |m| m.has_pending_rx());
+        assert!(!m.holds_host_clients());
+        let out = drain(&mut m);
+        assert_eq!(ops(&out), [op::REQUEST]);
+        assert_eq!(out[0].0.dst_port, 53);
+        drop(c);
+    }
+
     #[test]
     fn host_initiated_connection_round_trip() {
         let dir = TempDir::new("hconn");

@@ -975,3 +975,32 @@ fn reset_and_reactivation_then_a_new_stream_moves_several_credit_windows() {
     let mut guest = LinuxGuest::activate(&m, &mut dev, 0x10_0000);
     run(&mut guest, false);
 }
+
+/// After a restore the device puts one TRANSPORT_RESET event (id 0, 4
+/// bytes) into the driver's first event buffer and asks for a kick on the
+/// driver's next buffer (EVENT_IDX avail_event = the avail index now).
+#[test]
+fn a_transport_reset_event_fills_one_buffer_and_asks_for_the_refill_kick() {
+    let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let mut evq = DriverQueue::new(&m, 0x1_0000, 0x10_0000);
+    // No buffer yet: nothing sent.
+    let mut q = evq.queue();
+    virtio_queue::QueueT::set_event_idx(&mut q, true);
+    assert_eq!(super::send_transport_reset(&mut q, &m), Ok(false));
+    m.write_obj(0xffff_ffffu32, GuestAddress(0x10_0000))
+        .unwrap();
+    let a = evq.push(&[(8, true)]);
+    let b = evq.push(&[(8, true)]);
+    assert_eq!(super::send_transport_reset(&mut q, &m), Ok(true));
+    assert_eq!(evq.take_used(), vec![(0, 4)]);
+    assert_eq!(m.read_obj::<u32>(GuestAddress(a[0])).unwrap(), 0);
+    // The second buffer stays the driver's.
+    assert_ne!(a[0], b[0]);
+    let avail_idx: u16 = m.read_obj(GuestAddress(evq.vq.avail_addr().0 + 2)).unwrap();
+    let avail_event: u16 = m
+        .read_obj(GuestAddress(
+            evq.vq.used_addr().0 + 4 + 8 * u64::from(QSIZE),
+        ))
+        .unwrap();
+    assert_eq!(avail_event, avail_idx);
+}
