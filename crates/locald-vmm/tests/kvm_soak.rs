@@ -143,8 +143,10 @@ fn hundred_sequential_vms_leak_nothing() {
         "100 sequential VMs in {elapsed:?}: fds {} -> {}, threads {} -> {}, RSS {} -> {} KiB",
         before.0, after.0, before.1, after.1, before.2, after.2
     );
-    assert_eq!(after.0, before.0, "open fds grew");
-    assert_eq!(after.1, before.1, "threads grew");
+    // Fewer is no leak: the thread of the test that ran before this one
+    // may still have been ending when `before` was taken.
+    assert!(after.0 <= before.0, "open fds grew: {before:?} -> {after:?}");
+    assert!(after.1 <= before.1, "threads grew: {before:?} -> {after:?}");
     assert!(
         after.2 < before.2 + 16 * 1024,
         "RSS grew by {} KiB",
@@ -179,8 +181,10 @@ fn ten_concurrent_vms_leak_nothing() {
         "3 x 10 concurrent VMs: fds {} -> {}, threads {} -> {}, RSS {} -> {} KiB",
         before.0, after.0, before.1, after.1, before.2, after.2
     );
-    assert_eq!(after.0, before.0, "open fds grew");
-    assert_eq!(after.1, before.1, "threads grew");
+    // Fewer is no leak: the thread of the test that ran before this one
+    // may still have been ending when `before` was taken.
+    assert!(after.0 <= before.0, "open fds grew: {before:?} -> {after:?}");
+    assert!(after.1 <= before.1, "threads grew: {before:?} -> {after:?}");
     assert!(
         after.2 < before.2 + 32 * 1024,
         "RSS grew by {} KiB",
