@@ -145,7 +145,10 @@ fn hundred_sequential_vms_leak_nothing() {
     );
     // Fewer is no leak: the thread of the test that ran before this one
     // may still have been ending when `before` was taken.
-    assert!(after.0 <= before.0, "open fds grew: {before:?} -> {after:?}");
+    assert!(
+        after.0 <= before.0,
+        "open fds grew: {before:?} -> {after:?}"
+    );
     assert!(after.1 <= before.1, "threads grew: {before:?} -> {after:?}");
     assert!(
         after.2 < before.2 + 16 * 1024,
@@ -183,7 +186,10 @@ fn ten_concurrent_vms_leak_nothing() {
     );
     // Fewer is no leak: the thread of the test that ran before this one
     // may still have been ending when `before` was taken.
-    assert!(after.0 <= before.0, "open fds grew: {before:?} -> {after:?}");
+    assert!(
+        after.0 <= before.0,
+        "open fds grew: {before:?} -> {after:?}"
+    );
     assert!(after.1 <= before.1, "threads grew: {before:?} -> {after:?}");
     assert!(
         after.2 < before.2 + 32 * 1024,

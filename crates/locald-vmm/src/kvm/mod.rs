@@ -372,7 +372,7 @@ impl KvmVm {
 
     /// A handle that snapshots this VM while it runs.
     pub fn snapshotter(&self) -> Snapshotter {
-        Snapshotter(self.parts.clone())
+        Snapshotter(Arc::downgrade(&self.parts))
     }
 
     /// The COM1 device, for feeding console input.

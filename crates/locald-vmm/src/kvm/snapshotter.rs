@@ -28,15 +28,17 @@ use crate::snapshot::{self as files, AfterSnapshot, SnapshotError, SnapshotInfo}
 pub const PARK_LIMIT: Duration = Duration::from_secs(5);
 
 /// Takes snapshots of one running VM; cheap to clone, usable from any
-/// thread while the VM runs.
+/// thread while the VM runs. It holds the VM weakly: once the VM is
+/// dropped its devices go at once (their host connections close, so an
+/// `exec` relay sees the end), and a snapshot is refused as not running.
 #[derive(Clone)]
-pub struct Snapshotter(pub(super) std::sync::Arc<SnapshotParts>);
+pub struct Snapshotter(pub(super) std::sync::Weak<SnapshotParts>);
 
 impl Snapshotter {
     /// Pauses the VM, writes its snapshot into `dir` (a new or empty
     /// directory of ours) and resumes or stops it.
     pub fn take(&self, dir: &Path, after: AfterSnapshot) -> Result<SnapshotInfo, SnapshotError> {
-        let p = &self.0;
+        let p = &self.0.upgrade().ok_or(SnapshotError::NotRunning)?;
         let _one = p.busy.lock().unwrap_or_else(|e| e.into_inner());
         let dir = files::prepare_dir(dir)?;
         let control = &p.shared.control;
@@ -47,7 +49,7 @@ impl Snapshotter {
             .park_all(Some(p.msr_indices.clone()), PARK_LIMIT, control);
         let result = vcpus.and_then(|vcpus| {
             p.gate.pause()?;
-            let r = self.write(&dir, vcpus);
+            let r = Self::write(p, &dir, vcpus);
             if r.is_err() || after == AfterSnapshot::Resume {
                 p.gate.resume();
             }
@@ -69,11 +71,10 @@ impl Snapshotter {
     }
 
     fn write(
-        &self,
+        p: &SnapshotParts,
         dir: &Path,
         vcpus: Vec<snapshot::VcpuState>,
     ) -> Result<(u64, u64), SnapshotError> {
-        let p = &self.0;
         let vm = snapshot::save_vm(&p.vm)?;
         let serial = p.serial.lock().unwrap_or_else(|e| e.into_inner()).save();
         let virtio = p
