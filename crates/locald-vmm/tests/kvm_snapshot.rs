@@ -94,6 +94,17 @@ fn a_counting_guest_restored_twice_goes_on_from_its_count() {
             })
         })
         .collect();
+    // A restored VM that is dropped without running goes away at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = dir.clone();
+    std::thread::spawn(move || {
+        let out = SharedBuffer::default();
+        let vm = VirtualMachine::new(config(&out, Some(&d))).expect("restore");
+        drop(vm);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("dropping a restored VM that never ran hung");
     for r in runs {
         let (status, after) = r.join().expect("restore thread");
         assert_eq!(status, ExitStatus::Exited(0), "restored output:\n{after}");

@@ -155,6 +155,13 @@ pub struct Restore {
 // helper process (see `teardown`); the fields then drop as before.
 impl Drop for KvmVm {
     fn drop(&mut self) {
+        // Device workers parked behind the gate (a restored VM that never
+        // ran) must see their stop: let them go, once no snapshot is being
+        // written.
+        {
+            let _no_snapshot = self.parts.busy.lock().unwrap_or_else(|e| e.into_inner());
+            self.parts.gate.resume();
+        }
         // vCPU descriptors hold the VM too: close them first (they are
         // already gone once the VM has run).
         self.vcpus.clear();
@@ -323,6 +330,9 @@ impl KvmVm {
             for (v, s) in vcpus.iter().zip(&r.saved.vcpus) {
                 snapshot::restore_vcpu(v, s)?;
             }
+            // Nothing may fail once devices run (their workers wait
+            // behind the paused gate, which only `run` or drop releases).
+            vcpu::install_kick_handler()?;
             // Devices last: what they raise on start (a vsock transport
             // reset) reaches the restored local APICs. Their workers stay
             // parked behind the gate until the vCPUs run.
@@ -333,7 +343,9 @@ impl KvmVm {
                     .map_err(crate::snapshot::SnapshotError::from)?;
             }
         }
-        vcpu::install_kick_handler()?;
+        if restore.is_none() {
+            vcpu::install_kick_handler()?;
+        }
         let shared = Arc::new(VcpuShared {
             pio,
             mmio: mmio_bus,

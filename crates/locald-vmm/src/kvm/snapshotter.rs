@@ -48,7 +48,10 @@ impl Snapshotter {
             .pause
             .park_all(Some(p.msr_indices.clone()), PARK_LIMIT, control);
         let result = vcpus.and_then(|vcpus| {
-            p.gate.pause()?;
+            if let Err(e) = p.gate.pause() {
+                p.gate.resume();
+                return Err(e.into());
+            }
             let r = Self::write(p, &dir, vcpus);
             if r.is_err() || after == AfterSnapshot::Resume {
                 p.gate.resume();
