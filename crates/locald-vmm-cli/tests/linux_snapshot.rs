@@ -228,6 +228,14 @@ fn warm_runs_with_a_share_and_cold_runs() {
     let share = base.join("share");
     std::fs::create_dir_all(&share).unwrap();
     std::fs::write(share.join("in.txt"), b"from the host\n").unwrap();
+    // A warm-snapshot cache of this test's own: it damages a snapshot on
+    // purpose, which must not reach other users of the shared cache.
+    let cache = base.join("snapshots");
+    let vmm = || {
+        let mut c = vmm();
+        c.env("LOCALD_VMM_SNAPSHOT_CACHE", &cache);
+        c
+    };
 
     let out = vmm().args(["prepare", "--snapshot"]).output().unwrap();
     let said = ok(&out, "prepare --snapshot");

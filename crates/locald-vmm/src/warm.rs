@@ -3,7 +3,8 @@
 //! booting. Runs on the caller's thread ([`plan`]) and on the thread that
 //! waits for the agent ([`store`], from `RunningVm::wait_ready`).
 //!
-//! The cache: `<asset cache>/snapshots/<key>/`, private directories (see
+//! The cache: `<asset cache>/snapshots/<key>/` (or
+//! `$LOCALD_VMM_SNAPSHOT_CACHE/<key>/`), private directories (see
 //! [`crate::hostdir`]). The key covers everything that shapes the booted
 //! guest: the architecture, the kernel and initramfs files (path, size,
 //! modification time), the kernel command line and the software-KVM
@@ -96,9 +97,17 @@ pub fn cold_reason(config: &VmConfig) -> Option<ColdReason> {
     None
 }
 
-/// The directory holding every warm snapshot.
+/// Environment variable naming another directory for warm snapshots
+/// (absolute; checked like the default one).
+pub const CACHE_ENV: &str = "LOCALD_VMM_SNAPSHOT_CACHE";
+
+/// The directory holding every warm snapshot: `$LOCALD_VMM_SNAPSHOT_CACHE`
+/// if set to an absolute path, else `snapshots/` in the asset cache.
 pub fn cache_root() -> PathBuf {
-    crate::assets::cache_dir().join("snapshots")
+    match std::env::var_os(CACHE_ENV).map(PathBuf::from) {
+        Some(p) if p.is_absolute() => p,
+        _ => crate::assets::cache_dir().join("snapshots"),
+    }
 }
 
 fn file_identity(h: &mut Sha256, path: &Path) -> Result<(), Error> {

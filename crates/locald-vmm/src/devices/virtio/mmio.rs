@@ -242,10 +242,22 @@ impl MmioTransport {
         self.driver_features = s.driver_features;
         self.queue_sel = s.queue_sel;
         self.config_generation = s.config_generation;
+        // The saved interrupt state first: a device raises its own as soon
+        // as its worker starts (a vsock transport reset), and that must not
+        // be cleared.
+        self.interrupt.restore(s.interrupt_status, s.needs_reset);
         if s.active {
             self.start_device(true);
+            // Every queue once, as if the driver had just notified it: a
+            // notification the old device had not served when it was
+            // parked is gone, and with EVENT_IDX the driver will not send
+            // it again for the buffers it already made available.
+            for (q, evt) in self.queues.iter().zip(&self.queue_events) {
+                if q.ready() {
+                    let _ = evt.write(1);
+                }
+            }
         }
-        self.interrupt.restore(s.interrupt_status, s.needs_reset);
         Ok(())
     }
 

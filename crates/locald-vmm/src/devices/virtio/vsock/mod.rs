@@ -193,6 +193,15 @@ pub struct VsockHandler {
     scratch: Vec<u8>,
 }
 
+/// The driver's avail index of `q` in guest memory.
+fn avail_index(q: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
+    use virtio_queue::QueueT;
+    use vm_memory::Bytes;
+    mem.read_obj::<u16>(vm_memory::GuestAddress(q.avail_ring().wrapping_add(2)))
+        .ok()
+        .map(u16::from_le)
+}
+
 /// A restored device's transport reset (see [`send_transport_reset`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ResetState {
@@ -200,9 +209,10 @@ enum ResetState {
     None,
     /// Owed: waiting for an event buffer.
     Pending,
-    /// Sent: host clients wait until the driver's next event-queue kick,
-    /// which comes after it dropped its stale connections.
-    Sent,
+    /// Sent when the driver's avail index was this: host clients wait
+    /// until the driver refills the event queue (its index moves, and it
+    /// kicks), which it does after dropping its stale connections.
+    Sent(u16),
 }
 
 /// Longest time host clients wait for a restored guest's reset.
@@ -256,16 +266,21 @@ impl VsockHandler {
             ResetState::None => return,
             // The driver's kick after the reset: it has dropped its
             // stale connections; new ones are safe now.
-            ResetState::Sent => {
-                self.reset = ResetState::None;
-                self.muxer.release_host_clients();
+            ResetState::Sent(avail) => {
+                // A notification without a refill (the restore's own
+                // replayed one) is not the acknowledgement.
+                if avail_index(&self.evq, &self.mem) != Some(avail) {
+                    self.reset = ResetState::None;
+                    self.muxer.release_host_clients();
+                }
                 return;
             }
             ResetState::Pending => {}
         }
         let pass = match send_transport_reset(&mut self.evq, &self.mem) {
             Ok(true) => {
-                self.reset = ResetState::Sent;
+                self.reset =
+                    ResetState::Sent(avail_index(&self.evq, &self.mem).unwrap_or_default());
                 Pass {
                     completed: 1,
                     notify: true,
