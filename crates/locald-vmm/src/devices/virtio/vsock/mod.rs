@@ -244,11 +244,9 @@ pub fn send_transport_reset(evq: &mut Queue, mem: &GuestMemoryMmap) -> Result<bo
     // Ask for a kick on the driver's next buffer: it refills the event
     // queue (and kicks) right after handling the reset. With EVENT_IDX
     // that takes avail_event = the avail index now.
-    let avail_idx: u16 = mem
-        .read_obj(vm_memory::GuestAddress(evq.avail_ring().wrapping_add(2)))
-        .map_err(|e| e.to_string())?;
+    let avail_idx = avail_index(evq, mem).ok_or("avail ring outside guest memory")?;
     let avail_event = evq.used_ring().wrapping_add(4 + 8 * u64::from(evq.size()));
-    mem.write_obj(avail_idx, vm_memory::GuestAddress(avail_event))
+    mem.write_obj(avail_idx.to_le(), vm_memory::GuestAddress(avail_event))
         .map_err(|e| e.to_string())?;
     Ok(true)
 }
