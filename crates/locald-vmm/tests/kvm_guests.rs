@@ -249,6 +249,14 @@ fn exit_port_status_without_output() {
 }
 
 #[test]
+fn two_lines_then_exit_status() {
+    require_kvm!();
+    let o = run(&Spec::new("pvh_two_lines"));
+    assert_eq!(o.status, ExitStatus::Exited(0), "output:\n{}", o.out);
+    assert_eq!(o.out, "hello from pvh\nbye\n");
+}
+
+#[test]
 fn port_loop_ignored_port_100k_exits() {
     require_kvm!();
     let o = run(&Spec::new("port_loop"));

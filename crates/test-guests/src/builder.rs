@@ -94,6 +94,12 @@ pub const GUESTS: &[GuestSpec] = &[
         lang: Lang::Asm,
     },
     GuestSpec {
+        name: "pvh_two_lines",
+        script: "pvh.ld",
+        about: "PVH: prints two short lines, exits 0 (locald-bench's start/exit guest)",
+        lang: Lang::Asm,
+    },
+    GuestSpec {
         name: "boot64",
         script: "boot64.ld",
         about: "64-bit ELF, no PVH note: prints boot64 ok, cmdline, e820, loader type",
