@@ -104,11 +104,12 @@ impl KvmBackend {
     /// Runs the guest to its end. With a stdio console, stdin goes to the
     /// UART through an input thread (raw mode is the caller's job).
     pub(crate) fn run(&mut self, opts: &crate::backend::RunOptions) -> Result<Outcome, Error> {
+        // Stdin on /dev/null (services, CI, benchmarks) has nothing to
+        // forward: no thread for it.
         let _input = match opts.console {
-            ConsoleConfig::Stdio => Some(super::console_input::InputThread::spawn(
-                self.vm.serial(),
-                opts.seccomp,
-            )?),
+            ConsoleConfig::Stdio if !super::console_input::stdin_is_dev_null() => Some(
+                super::console_input::InputThread::spawn(self.vm.serial(), opts.seccomp)?,
+            ),
             _ => None,
         };
         let outcome = self.vm.run(opts.timeout, opts.profile_hz, opts.seccomp)?;

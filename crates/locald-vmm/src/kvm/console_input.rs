@@ -1,5 +1,6 @@
 //! The KVM backend's console input: a thread that forwards our stdin to
-//! the guest's UART (bounded; waits while the guest is not reading). It
+//! the guest's UART (bounded; waits while the guest is not reading), not
+//! started when stdin is `/dev/null`. It
 //! waits on stdin and on a stop eventfd, so it ends as soon as the VM
 //! stops, and runs under the `control` seccomp filter when the VM has
 //! seccomp on.
@@ -12,6 +13,18 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::serial::SerialDevice;
+
+/// Whether this process's stdin is `/dev/null` (the character device 1:3),
+/// which never has input for the guest.
+pub fn stdin_is_dev_null() -> bool {
+    // SAFETY: fstat on descriptor 0 writes only into the local `st`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; a closed descriptor 0 makes fstat fail (false).
+    if unsafe { libc::fstat(0, &mut st) } != 0 {
+        return false;
+    }
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
+}
 
 /// The stdin → UART forwarding thread.
 pub struct InputThread {

@@ -16,7 +16,7 @@ pub mod mptable;
 pub mod regs;
 pub mod snapshot;
 mod snapshotter;
-mod teardown;
+pub(crate) mod teardown;
 pub mod vcpu;
 
 use std::collections::HashMap;
@@ -167,7 +167,7 @@ impl Drop for KvmVm {
         self.vcpus.clear();
         // A snapshot handle may hold the VM descriptor longer: the helper
         // waits for the last close of it, wherever that happens.
-        teardown::hand_off(&*self.parts.vm, &self.parts.mem);
+        teardown::hand_off(&*self.parts.vm);
     }
 }
 
