@@ -49,9 +49,6 @@ pub const SELFTEST_ENV: &str = "LOCALD_VMM_SECCOMP_SELFTEST";
 /// Seccomp setup failures.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    /// A filter could not be compiled (a bug in the lists).
-    #[error("cannot build the seccomp filter for {kind} threads: {err}")]
-    Compile { kind: &'static str, err: String },
     /// The kernel refused the filter (no seccomp support?).
     #[error("cannot install the seccomp filter on thread '{thread}': {err}")]
     Apply { thread: String, err: String },
@@ -190,11 +187,11 @@ const VCPU: &[i64] = &[
 ];
 
 /// The spawner, besides the union of every other list: starting a thread
-/// (`clone` restricted to `CLONE_THREAD` in [`compile`], glibc's stack
+/// (`clone` restricted to `CLONE_THREAD` in [`spec`], glibc's stack
 /// guard, robust futex list and restartable sequences), and what the new
 /// thread does before its own filter is on: naming itself
 /// (`prctl(PR_SET_NAME)`), `prctl(PR_SET_NO_NEW_PRIVS)` and
-/// `seccomp(SECCOMP_SET_MODE_FILTER)` (restricted in [`compile`]).
+/// `seccomp(SECCOMP_SET_MODE_FILTER)` (restricted in [`spec`]).
 const SPAWNER: &[i64] = &[libc::SYS_set_robust_list, libc::SYS_rseq];
 
 /// Every worker: its event loop (epoll), queue eventfds (read), the
@@ -332,8 +329,8 @@ const FS: &[i64] = &[
 /// published-port listeners, kicking vCPUs (`tgkill`), tearing the VM
 /// down (flushing disks, stopping passt, removing its socket directory),
 /// and `--profile-guest`'s System.map; `kill` with SIGTERM only (see
-/// [`compile`]). No KVM ioctl, no exec, no clone (threads come from the
-/// spawner).
+/// [`spec`]). No KVM ioctl, no exec; `clone` only for the two teardown
+/// helpers (see [`spec`]; threads come from the spawner).
 const MAIN: &[i64] = &[
     // Snapshots: the private directory, the memory and state files.
     libc::SYS_mkdir,
@@ -731,24 +728,24 @@ fn clone3_enosys_spec() -> Spec {
 }
 
 /// [`clone3_enosys_spec`]'s program, built once per process.
-fn clone3_enosys() -> Result<&'static BpfProgram, SeccompError> {
+fn clone3_enosys() -> &'static BpfProgram {
     static PROG: OnceLock<BpfProgram> = OnceLock::new();
-    Ok(PROG.get_or_init(|| clone3_enosys_spec().compile()))
+    PROG.get_or_init(|| clone3_enosys_spec().compile())
 }
 
 /// The compiled filter of `kind`, built once per process.
-fn program(kind: ThreadKind) -> Result<&'static BpfProgram, SeccompError> {
+fn program(kind: ThreadKind) -> &'static BpfProgram {
     type Cache = Mutex<BTreeMap<ThreadKind, &'static BpfProgram>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = map.get(&kind) {
-        return Ok(p);
+        return p;
     }
     // Leaked on purpose: a handful of small programs, kept for the process.
     let p: &'static BpfProgram = Box::leak(Box::new(spec(kind).compile()));
     map.insert(kind, p);
-    Ok(p)
+    p
 }
 
 /// Checks that the kernel supports seccomp filters; called when a VM with
@@ -787,7 +784,7 @@ pub fn is_filtered() -> bool {
 /// unfiltered thread) and installs the SIGSYS handler. Irreversible: the
 /// thread stays filtered until it ends.
 pub fn install(kind: ThreadKind, name: &str) -> Result<(), SeccompError> {
-    let prog = program(kind)?;
+    let prog = program(kind);
     install_sigsys_handler();
     spawner();
     apply(kind, name, &[prog])
@@ -965,13 +962,11 @@ fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
         let _ = std::thread::Builder::new()
             .name(SPAWNER_NAME.into())
             .spawn(move || {
-                let filtered = program(ThreadKind::Spawner).and_then(|union| {
-                    apply(
-                        ThreadKind::Spawner,
-                        SPAWNER_NAME,
-                        &[clone3_enosys()?, union],
-                    )
-                });
+                let filtered = apply(
+                    ThreadKind::Spawner,
+                    SPAWNER_NAME,
+                    &[clone3_enosys(), program(ThreadKind::Spawner)],
+                );
                 if let Err(e) = filtered {
                     // Never start threads from an unfiltered spawner.
                     eprintln!("locald-vmm: {e}");
@@ -1039,10 +1034,10 @@ mod tests {
     #[test]
     fn every_filter_compiles() {
         for kind in ThreadKind::ALL {
-            let p = program(kind).unwrap();
+            let p = program(kind);
             assert!(!p.is_empty(), "{kind:?}");
         }
-        assert!(!clone3_enosys().unwrap().is_empty());
+        assert!(!clone3_enosys().is_empty());
         check().unwrap();
     }
 
@@ -1055,9 +1050,9 @@ mod tests {
         }
         bpf::tests::assert_same(&clone3_enosys_spec(), 99);
         // seccompiler: 833 instructions for the union, 490 for `main`.
-        let union = program(ThreadKind::Spawner).unwrap().len();
+        let union = program(ThreadKind::Spawner).len();
         assert!(union < 300, "the union filter has {union} instructions");
-        let main = program(ThreadKind::Main).unwrap().len();
+        let main = program(ThreadKind::Main).len();
         assert!(main < 200, "the main filter has {main} instructions");
     }
 
@@ -1182,8 +1177,8 @@ mod tests {
     /// the child).
     #[test]
     fn the_spawner_filter_refuses_processes_and_clone3() {
-        let union = program(ThreadKind::Spawner).unwrap();
-        let enosys = clone3_enosys().unwrap();
+        let union = program(ThreadKind::Spawner);
+        let enosys = clone3_enosys();
         // SAFETY: the child only makes raw system calls (no allocation, no
         // locks) and leaves with _exit; the parent waits for it.
         let pid = unsafe { libc::fork() };

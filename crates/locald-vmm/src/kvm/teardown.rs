@@ -28,9 +28,9 @@
 //! (the guest's included) off the VMM's exit: the last of the processes
 //! to end, B, pays it. B holds nothing but the VM and the pipe: stdio
 //! pipes, disks, sockets and locks are closed before the caller goes on.
-//! A makes raw system calls only, and signals are blocked in both (a
+//! A makes raw system calls only, and every signal is blocked in both (a
 //! Ctrl-C to the terminal's process group must not run the VMM's
-//! handlers there).
+//! handlers there, and B has no stack for a signal frame).
 //!
 //! If anything fails (no `close_range`, a refused `clone`), the caller
 //! closes the VM itself, as before. `LOCALD_VMM_INLINE_TEARDOWN=1` forces
@@ -169,6 +169,25 @@ fn reap(pid: libc::pid_t) -> Option<i32> {
 extern "C" fn helper_a(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the caller's `HelperArgs`, alive while it sleeps.
     let HelperArgs { fd, read_end } = unsafe { *(arg as *const HelperArgs) };
+    // Block every signal, glibc's own two (32, 33) included, which
+    // `pthread_sigmask` leaves out: B inherits this mask, and a signal
+    // delivered to B would write its frame below B's stack pointer, in
+    // this stack, which the caller unmaps once A has ended.
+    let all: u64 = !0;
+    // SAFETY: rt_sigprocmask reads the 8-byte set from a local; changes
+    // this process's (A's) mask only.
+    let blocked = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK,
+            &all as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
+    if blocked != 0 {
+        return 1;
+    }
     if !close_all_but(fd, read_end) {
         return 1;
     }

@@ -196,6 +196,13 @@ impl Spec {
             });
         }
         out.extend(tail);
+        // The kernel's limit (BPF_MAXINSNS); this crate's lists are far
+        // below it, which the unit tests check.
+        assert!(
+            out.len() <= 4096,
+            "a seccomp filter of {} instructions",
+            out.len()
+        );
         out
     }
 }
@@ -236,7 +243,8 @@ fn leaf(calls: &[(usize, u32, bool)], code: &mut Vec<Insn>, on_match: u32, other
         if !unconditional {
             trampolines += 1;
         }
-        code.push(Insn::Plain(jump(JMP_JEQ_K, nr, to as u8, 0)));
+        let to = u8::try_from(to).expect("a leaf's jumps fit 8 bits");
+        code.push(Insn::Plain(jump(JMP_JEQ_K, nr, to, 0)));
     }
     code.push(Insn::Plain(stmt(RET_K, otherwise)));
     code.push(Insn::Plain(stmt(RET_K, on_match)));
@@ -271,9 +279,11 @@ fn rule_block(rules: &[Rule], on_match: Action, otherwise: Action, out: &mut Vec
         for c in rule {
             assert!(c.arg <= 5, "seccomp argument index {}", c.arg);
             let lo = ARGS_OFFSET + 8 * u32::from(c.arg);
-            let mut halves = vec![(lo, c.mask as u32, c.value as u32)];
+            // As seccompiler: the value is compared under the mask.
+            let value = c.value & c.mask;
+            let mut halves = vec![(lo, c.mask as u32, value as u32)];
             if c.width == Width::Qword {
-                halves.push((lo + 4, (c.mask >> 32) as u32, (c.value >> 32) as u32));
+                halves.push((lo + 4, (c.mask >> 32) as u32, (value >> 32) as u32));
             }
             for (at, mask, value) in halves {
                 body.push(stmt(LD_W_ABS, at));
@@ -288,7 +298,7 @@ fn rule_block(rules: &[Rule], on_match: Action, otherwise: Action, out: &mut Vec
         let end = body.len();
         for f in fails {
             let off = end - f - 1;
-            body[f].jf = u8::try_from(off).expect("a rule of at most 20 checks");
+            body[f].jf = u8::try_from(off).expect("a rule of at most 60 compared halves");
         }
         out.extend(body);
     }
