@@ -30,7 +30,7 @@ pub const COMPAT_CMDLINE: &str =
 /// options added by our patches in guest/kernel/patches). Not given to
 /// other kernels, which would pass unknown `key=value` words to their init
 /// as environment variables.
-pub const COMPAT_DEFAULT_KERNEL_CMDLINE: &str = "slab_sysfs=off fault_around_bytes=4096 lean_sysfs=on alt_nop_opt=off init_poison=off initramfs_early=on boot_page_checks=off time_bulk_catchup=on";
+pub const COMPAT_DEFAULT_KERNEL_CMDLINE: &str = "slab_sysfs=off fault_around_bytes=4096 lean_sysfs=on alt_nop_opt=off init_poison=off initramfs_early=on boot_page_checks=off";
 
 /// The software-KVM command line, leaving visible the features named in
 /// `keep` (comma-separated; `LOCALD_VMM_COMPAT_KEEP`, a debug aid that
