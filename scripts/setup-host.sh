@@ -37,7 +37,24 @@ if [ ${#missing[@]} -eq 0 ]; then
 else
   echo "setup-host: installing ${missing[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  # A QEMU package already installed from another release (seen: a machine
+  # image with qemu-utils from bookworm-backports, whose Breaks rule out
+  # bookworm's qemu-system-*) makes the install unsolvable: every installed
+  # qemu-* package is then moved to the version of qemu-system-x86 that the
+  # configured sources offer.
+  qemu_ver=$(apt-cache policy qemu-system-x86 | sed -n 's/^ *Candidate: //p')
+  align=()
+  for p in $(dpkg-query -W -f='${Package} ${Status}\n' 'qemu-*' 2>/dev/null | awk '/install ok installed/ {print $1}'); do
+    v=$(dpkg-query -W -f='${Version}' "$p")
+    if [ -n "$qemu_ver" ] && [ "$v" != "$qemu_ver" ] && apt-cache madison "$p" | grep -qF "| $qemu_ver |"; then
+      align+=("$p=$qemu_ver")
+    fi
+  done
+  if [ ${#align[@]} -gt 0 ]; then
+    echo "setup-host: aligning installed QEMU packages with qemu-system-x86 $qemu_ver: ${align[*]}"
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --allow-downgrades \
+    "${missing[@]}" ${align[@]+"${align[@]}"}
 fi
 # The Rust target of the aarch64 guest init (cross-built by locald-vmm's
 # build.rs when present).
